@@ -1,0 +1,29 @@
+"""gradpen: gradient penalties for GAN critics, per sample and proven against finite differences.
+
+The public surface is what ``__all__`` lists; every other module is private.
+"""
+
+from gradpen._module import GradientPenalty
+from gradpen._penalty import (
+    dragan_penalty,
+    gradient_norms,
+    gradient_penalty,
+    interpolate,
+    r1_penalty,
+    r2_penalty,
+    wgan_div_penalty,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientPenalty",
+    "__version__",
+    "dragan_penalty",
+    "gradient_norms",
+    "gradient_penalty",
+    "interpolate",
+    "r1_penalty",
+    "r2_penalty",
+    "wgan_div_penalty",
+]

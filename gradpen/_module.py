@@ -1,0 +1,140 @@
+"""GradientPenalty: a thin stateful face over the functional interface.
+
+All the math lives in :mod:`gradpen._penalty`. The module holds the settings (validated when it is
+built), the call counter of lazy regularisation, and the last norms for logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradpen._backends import BACKENDS
+from gradpen._checks import as_inputs, check_choice, check_int, check_number
+from gradpen._penalty import (
+    Critic,
+    Inputs,
+    _check_bool,
+    dragan_penalty,
+    gradient_penalty,
+    r1_penalty,
+    r2_penalty,
+    wgan_div_penalty,
+)
+
+# kind -> (which inputs it uses, whether center/one_sided apply, the call)
+_Call = Callable[["GradientPenalty", Critic, Any, Any, dict[str, Any]], Any]
+KINDS: dict[str, tuple[tuple[str, ...], bool, _Call]] = {
+    "wgan-gp": (("real", "fake"), True, lambda m, c, r, f, kw: gradient_penalty(c, r, f, m.center, m.one_sided, **kw)),
+    "r1": (("real",), False, lambda m, c, r, f, kw: r1_penalty(c, r, **kw)),
+    "r2": (("fake",), False, lambda m, c, r, f, kw: r2_penalty(c, f, **kw)),
+    "dragan": (("real",), True, lambda m, c, r, f, kw: dragan_penalty(c, r, m.center, m.one_sided, **kw)),
+    "wgan-div": (("real", "fake"), False, lambda m, c, r, f, kw: wgan_div_penalty(c, r, f, **kw)),
+}
+
+
+class GradientPenalty(nn.Module):
+    r"""Weighted gradient penalty with optional lazy regularisation.
+
+    Calling it as ``gp(critic, real, fake, **kwargs)`` returns ``weight * penalty``, where the
+    penalty is the functional of ``kind`` (:func:`~gradpen.gradient_penalty` by default) called with
+    the module's settings and ``kwargs`` (any keyword of that functional, e.g. ``critic_args`` or
+    ``scaler``).
+
+    With ``every=k > 1`` it is the lazy regularisation of StyleGAN2 (Karras et al., 2020): the
+    penalty is computed on the first call and every k-th call after it, multiplied by k so that
+    its average weight is unchanged; the other calls return a zero and cost nothing.
+
+    .. math::
+        \text{out}_t = \begin{cases} k\,\lambda\,\mathcal{P}_t & t \equiv 0 \pmod k \\
+        0 & \text{otherwise} \end{cases}
+
+    Args:
+        weight (float, optional): :math:`\lambda \ge 0`. Default: ``10.0`` (the WGAN-GP paper).
+        center (float, optional): target norm for ``"wgan-gp"`` and ``"dragan"``. Default: ``1.0``.
+        one_sided (bool, optional): one-sided penalty, for ``"wgan-gp"`` and ``"dragan"``. Default: ``False``.
+        kind (str, optional): ``"wgan-gp"``, ``"r1"`` (uses ``real``), ``"r2"`` (uses ``fake``),
+            ``"dragan"`` (uses ``real``) or ``"wgan-div"``. Default: ``"wgan-gp"``.
+        backend (str, optional): ``"autograd"`` or ``"func"``. Default: ``"autograd"``.
+        every (int, optional): apply the penalty on one call in ``every``. Default: ``1``.
+
+    Attributes:
+        last_norms (Tensor or None): the detached per-sample norms of the last computed penalty.
+        calls (int): how many times the module was called; saved in ``state_dict()``.
+
+    Raises:
+        ValueError: if ``weight < 0``, ``every < 1``, ``center < 0``, ``kind`` or ``backend`` is
+            unknown, or ``center``/``one_sided`` are set for a kind that has no such option.
+        TypeError: if an option has the wrong type.
+
+    Example::
+
+        >>> critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1))
+        >>> gp = gradpen.GradientPenalty(weight=10.0, every=4)
+        >>> real, fake = torch.randn(8, 3, 4), torch.randn(8, 3, 4)
+        >>> [round(gp(critic, real, fake).item(), 4) > 0 for _ in range(5)]
+        [True, False, False, False, True]
+        >>> gp.last_norms.shape
+        torch.Size([8])
+    """
+
+    last_norms: Tensor | None
+
+    def __init__(
+        self,
+        weight: float = 10.0,
+        center: float = 1.0,
+        one_sided: bool = False,
+        *,
+        kind: str = "wgan-gp",
+        backend: str = "autograd",
+        every: int = 1,
+    ) -> None:
+        super().__init__()
+        self.weight = check_number(weight, "weight", low=0.0)
+        self.center = check_number(center, "center", low=0.0)
+        self.one_sided = _check_bool(one_sided, "one_sided")
+        check_choice(kind, "kind", KINDS)
+        check_choice(backend, "backend", BACKENDS)
+        self.kind, self.backend = kind, backend
+        self.every = check_int(every, "every", low=1)
+        if not KINDS[kind][1] and (self.center != 1.0 or one_sided):
+            raise ValueError(f"`center` and `one_sided` do not apply to kind={kind!r}; leave them at their defaults.")
+        self.calls = 0
+        self.last_norms = None
+
+    def forward(self, critic: Critic, real: Inputs | None, fake: Inputs | None, **kwargs: Any) -> Tensor:
+        """Return ``weight * every * penalty`` on an active call, a zero otherwise."""
+        if "return_norms" in kwargs or "backend" in kwargs:
+            raise TypeError(
+                "GradientPenalty sets `backend` and `return_norms` itself; read the norms from `.last_norms`."
+            )
+        uses, _, call = KINDS[self.kind]
+        given = {"real": real, "fake": fake}
+        for name in uses:
+            if given[name] is None:
+                raise ValueError(f"kind={self.kind!r} needs `{name}`, got None.")
+        active = self.calls % self.every == 0
+        self.calls += 1
+        if not active:
+            like = as_inputs(given[uses[0]], uses[0])[0]
+            shape = (like.shape[0],) if kwargs.get("reduction") == "none" else ()
+            return torch.zeros(shape, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
+        penalty, norms = call(self, critic, real, fake, {"backend": self.backend, "return_norms": True, **kwargs})
+        self.last_norms = norms.detach()
+        return penalty * (self.weight * self.every)
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.calls = int(state["calls"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight={self.weight}, center={self.center}, one_sided={self.one_sided}, "
+            f"kind={self.kind!r}, backend={self.backend!r}, every={self.every}"
+        )

@@ -1,0 +1,514 @@
+r"""The penalties: validate -> sample points -> input gradients -> norm -> shape -> reduce.
+
+Every public function here goes through the same three steps:
+
+1. :func:`_norms_at` asks a backend (:mod:`gradpen._backends`) for the per-sample input gradients
+   at some points and turns them into per-sample L2 norms over all non-batch dimensions (jointly
+   over all inputs of a multi-input critic), in at least float32, with any GradScaler scale removed;
+2. a penalty shapes the norms, :math:`(\lVert g\rVert - c)^2` and friends;
+3. :func:`_finish` reduces and optionally returns the norms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradpen._backends import BACKENDS
+from gradpen._checks import (
+    as_inputs,
+    check_alpha,
+    check_call_args,
+    check_choice,
+    check_critic,
+    check_generator,
+    check_number,
+    check_pair,
+    check_scaler,
+)
+
+Inputs = Tensor | Sequence[Tensor]
+Critic = Callable[..., Tensor]
+
+REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "mean": torch.mean,
+    "sum": torch.sum,
+    "none": lambda t: t,
+}
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}.")
+    return value
+
+
+def _norms_at(
+    critic: Critic,
+    inputs: tuple[Tensor, ...],
+    backend: str,
+    critic_args: Any,
+    critic_kwargs: Any,
+    scaler: Any,
+    create_graph: bool,
+) -> Tensor:
+    """Per-sample L2 norm of the critic's input gradient at ``inputs``: shape ``(N,)``.
+
+    The norm is over all non-batch dimensions of every input together, computed in float32 or
+    wider (float64 stays float64). ``torch.linalg.vector_norm`` has a zero subgradient at 0, so a
+    zero gradient gives a finite penalty and finite parameter gradients, never NaN.
+    """
+    check_critic(critic)
+    check_choice(backend, "backend", BACKENDS)
+    args, kwargs = check_call_args(critic_args, critic_kwargs)
+    check_scaler(scaler)
+    scale = None
+    if scaler is not None and scaler.is_enabled():
+        # The scale as a device tensor: no host sync (GradScaler.get_scale() would call .item()).
+        scale = scaler.scale(torch.ones((), device=inputs[0].device, dtype=torch.float32))
+    grads = BACKENDS[backend](critic, inputs, args, kwargs, scale, create_graph)
+    dtype = torch.promote_types(grads[0].dtype, torch.float32)
+    per_input = [
+        torch.linalg.vector_norm(g if g.ndim > 1 else g[:, None], dim=tuple(range(1, max(g.ndim, 2))), dtype=dtype)
+        for g in grads
+    ]
+    norms = per_input[0] if len(per_input) == 1 else torch.linalg.vector_norm(torch.stack(per_input, 1), dim=1)
+    # Unscale the norm rather than the gradients: N divisions instead of N * D.
+    return norms if scale is None else norms / scale
+
+
+def _finish(per_sample: Tensor, norms: Tensor, reduction: str, return_norms: bool) -> Tensor | tuple[Tensor, Tensor]:
+    out = REDUCTIONS[reduction](per_sample)
+    return (out, norms) if return_norms else out
+
+
+def _check_options(reduction: Any, return_norms: Any) -> None:
+    check_choice(reduction, "reduction", REDUCTIONS)
+    _check_bool(return_norms, "return_norms")
+
+
+def _two_sided_or_not(norms: Tensor, center: float, one_sided: bool) -> Tensor:
+    excess = norms - center
+    return (excess.clamp_min(0) if one_sided else excess).square()
+
+
+def _pack(xs: tuple[Tensor, ...], like: Inputs) -> Inputs:
+    return xs[0] if isinstance(like, Tensor) else xs
+
+
+def _interpolate(
+    reals: tuple[Tensor, ...], fakes: tuple[Tensor, ...], alpha: Tensor | None, generator: torch.Generator | None
+) -> tuple[Tensor, ...]:
+    first = reals[0]
+    check_generator(generator, first)
+    if alpha is None:
+        alpha = torch.rand(first.shape[0], generator=generator, device=first.device, dtype=first.dtype)
+    else:
+        alpha = check_alpha(alpha, first)
+    # lerp(f, r, a) = f + a (r - f); exact at a = 0 (fake) and a = 1 (real).
+    return tuple(
+        torch.lerp(f.detach(), r.detach(), alpha.view(-1, *([1] * (r.ndim - 1))))
+        for r, f in zip(reals, fakes, strict=True)
+    )
+
+
+def interpolate(
+    real: Inputs, fake: Inputs, alpha: Tensor | None = None, generator: torch.Generator | None = None
+) -> Inputs:
+    r"""Random points on the lines between real and fake samples.
+
+    .. math::
+        \hat x_i = \alpha_i\, x^{r}_i + (1 - \alpha_i)\, x^{f}_i, \qquad \alpha_i \sim U[0, 1]
+
+    One :math:`\alpha_i` per sample (never per element), drawn on the inputs' device. The
+    result is detached: no gradient flows back into ``real`` or ``fake``.
+
+    Args:
+        real (Tensor or tuple of Tensors): real batch :math:`(N, *)`, or a tuple of batches for a
+            multi-input critic; every input is interpolated with the same :math:`\alpha`.
+        fake (Tensor or tuple of Tensors): fake batch, same shapes, dtype and device as ``real``.
+        alpha (Tensor, optional): the weights, shape :math:`(N,)`, values in :math:`[0, 1]`.
+            Default: drawn from :math:`U[0, 1]`.
+        generator (torch.Generator, optional): RNG for :math:`\alpha`, on the inputs' device.
+
+    Returns:
+        Tensor or tuple of Tensors: :math:`\hat x`, with the structure of ``real``.
+
+    Raises:
+        TypeError: if an input is not a floating-point tensor, or ``generator`` is not a Generator.
+        ValueError: if ``real`` and ``fake`` differ in shape, the batch is empty, ``alpha`` is
+            not of shape :math:`(N,)` or leaves :math:`[0, 1]`, or ``generator`` is on another device.
+
+    Example::
+
+        >>> real, fake = torch.ones(4, 3, 8, 8), torch.zeros(4, 3, 8, 8)
+        >>> x_hat = gradpen.interpolate(real, fake, alpha=torch.tensor([0.0, 0.25, 0.5, 1.0]))
+        >>> x_hat[:, 0, 0, 0]
+        tensor([0.0000, 0.2500, 0.5000, 1.0000])
+    """
+    reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
+    check_pair(reals, fakes)
+    return _pack(_interpolate(reals, fakes, alpha, generator), real)
+
+
+def gradient_norms(
+    critic: Critic,
+    inputs: Inputs,
+    *,
+    backend: str = "autograd",
+    critic_args: Sequence[Any] = (),
+    critic_kwargs: dict[str, Any] | None = None,
+    scaler: Any = None,
+    create_graph: bool = True,
+) -> Tensor:
+    r"""Per-sample L2 norms of the critic's gradient with respect to its input.
+
+    .. math::
+        n_i = \big\lVert \nabla_{x_i} D(x)_i \big\rVert_2
+            = \Big(\sum_{j} \big(\partial D(x)_i / \partial x_{i,j}\big)^2\Big)^{1/2}
+
+    where :math:`D(x)_i` is the sum of sample :math:`i`'s critic outputs and :math:`j` runs over
+    all non-batch dimensions (of all inputs, for a multi-input critic). This is the per-sample
+    norm: not over the whole batch, not per pixel.
+
+    Args:
+        critic (Callable): maps ``inputs`` (plus ``critic_args``) to one score per sample: a
+            tensor of shape :math:`(N,)`, :math:`(N, 1)` or :math:`(N, \dots)` (then summed per sample).
+        inputs (Tensor or tuple of Tensors): batch :math:`(N, *)` or a tuple of batches with the same N.
+        backend (str, optional): ``"autograd"`` or ``"func"``; see :doc:`/backends`. Default: ``"autograd"``.
+        critic_args (tuple, optional): extra positional arguments of the critic (labels,
+            conditions); never differentiated. Default: ``()``.
+        critic_kwargs (dict, optional): extra keyword arguments of the critic. Default: ``None``.
+        scaler (torch.amp.GradScaler, optional): scale the output before differentiating and
+            unscale the norms after, as in PyTorch's AMP gradient-penalty recipe. Default: ``None``.
+        create_graph (bool, optional): keep the graph so the norms can be differentiated with
+            respect to the critic's parameters. ``False`` for logging only. Default: ``True``.
+
+    Returns:
+        Tensor: norms of shape :math:`(N,)`, float32 or wider.
+
+    Raises:
+        TypeError: if an argument has the wrong type or the critic returns a non-tensor.
+        ValueError: if the batch is empty, the backend is unknown, or the critic's output has no
+            batch dimension N.
+
+    Example::
+
+        >>> critic = torch.nn.Linear(3, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = critic.weight.copy_(torch.tensor([[3.0, 0.0, 4.0]]))
+        >>> gradpen.gradient_norms(critic, torch.randn(5, 3), create_graph=False)
+        tensor([5., 5., 5., 5., 5.])
+    """
+    xs = as_inputs(inputs, "inputs")
+    return _norms_at(critic, xs, backend, critic_args, critic_kwargs, scaler, _check_bool(create_graph, "create_graph"))
+
+
+def gradient_penalty(
+    critic: Critic,
+    real: Inputs,
+    fake: Inputs,
+    center: float = 1.0,
+    one_sided: bool = False,
+    *,
+    backend: str = "autograd",
+    alpha: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    critic_args: Sequence[Any] = (),
+    critic_kwargs: dict[str, Any] | None = None,
+    scaler: Any = None,
+    reduction: str = "mean",
+    return_norms: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Gradient penalty of WGAN-GP (Gulrajani et al., 2017).
+
+    .. math::
+        \mathcal{P} = \mathbb{E}_{\hat x}\big[(\lVert \nabla_{\hat x} D(\hat x) \rVert_2 - c)^2\big],
+        \qquad \hat x = \alpha\, x_r + (1-\alpha)\, x_f,\quad \alpha \sim U[0, 1]
+
+    With ``one_sided=True`` the summand is :math:`\max(0, \lVert g \rVert_2 - c)^2`, the Lipschitz
+    penalty (LP) of Petzka et al. (2018). ``center=0`` gives the zero-centred penalty. The norm is
+    per sample over all non-batch dimensions; :math:`\alpha` is drawn once per sample. The caller
+    applies the weight :math:`\lambda` (10 in the paper).
+
+    Args:
+        critic (Callable): maps a batch :math:`(N, *)` (and ``critic_args``) to scores of shape
+            :math:`(N,)`, :math:`(N, 1)` or a per-sample map :math:`(N, \dots)`, which is summed per sample.
+        real (Tensor or tuple of Tensors): real batch; a tuple for a multi-input critic, whose norm
+            is then taken jointly over all inputs. Treated as a constant.
+        fake (Tensor or tuple of Tensors): fake batch, same shapes; treated as a constant (no
+            gradient reaches the generator).
+        center (float, optional): target norm :math:`c \ge 0`. Default: ``1.0``.
+        one_sided (bool, optional): penalise only norms above ``center``. Default: ``False``.
+        backend (str, optional): ``"autograd"`` or ``"func"``; both give the same answers, see
+            :doc:`/backends`. Default: ``"autograd"``.
+        alpha (Tensor, optional): interpolation weights :math:`(N,)` in :math:`[0, 1]`, used as
+            given. Default: drawn from :math:`U[0, 1]`.
+        generator (torch.Generator, optional): RNG for :math:`\alpha`, on the inputs' device.
+        critic_args (tuple, optional): extra positional arguments of the critic, e.g. class labels;
+            never differentiated nor interpolated. Default: ``()``.
+        critic_kwargs (dict, optional): extra keyword arguments of the critic. Default: ``None``.
+        scaler (torch.amp.GradScaler, optional): the GradScaler of an fp16 AMP loop; its scale is
+            applied before differentiation and removed after, so the result is the unscaled penalty.
+        reduction (str, optional): ``"mean"``, ``"sum"`` or ``"none"``. Default: ``"mean"``.
+        return_norms (bool, optional): also return the per-sample norms. Default: ``False``.
+
+    Returns:
+        Tensor or (Tensor, Tensor): the penalty (a scalar, or :math:`(N,)` with
+        ``reduction="none"``), differentiable with respect to the critic's parameters; with
+        ``return_norms=True`` also the norms :math:`(N,)`. Float32 under fp16/bf16 autocast;
+        float64 inputs give float64.
+
+    Shape:
+        - real, fake: :math:`(N, *)` (or tuples of such, with the same N)
+        - output: scalar, or :math:`(N,)` with ``reduction="none"``
+
+    Raises:
+        TypeError: if an input is not a floating-point tensor, or an option has the wrong type.
+        ValueError: if ``real`` and ``fake`` differ in shape, the batch is empty, ``center < 0``,
+            ``alpha`` is not :math:`(N,)` in :math:`[0, 1]`, the backend or reduction is unknown, or
+            the critic's output has no batch dimension N.
+
+    Warns:
+        UserWarning: with ``backend="autograd"``, if the critic has BatchNorm in training mode.
+
+    Example::
+
+        >>> critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1))
+        >>> real, fake = torch.randn(16, 3, 8, 8), torch.randn(16, 3, 8, 8)
+        >>> gp = gradpen.gradient_penalty(critic, real, fake)
+        >>> loss_d = critic(fake).mean() - critic(real).mean() + 10 * gp
+        >>> loss_d.backward()
+        >>> w = critic[1].weight  # a linear critic: the penalty is (||w|| - 1)^2
+        >>> torch.allclose(gp, (w.norm() - 1) ** 2)
+        True
+    """
+    reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
+    check_pair(reals, fakes)
+    center = check_number(center, "center", low=0.0)
+    _check_bool(one_sided, "one_sided")
+    _check_options(reduction, return_norms)
+    x_hat = _interpolate(reals, fakes, alpha, generator)
+    norms = _norms_at(critic, x_hat, backend, critic_args, critic_kwargs, scaler, True)
+    return _finish(_two_sided_or_not(norms, center, one_sided), norms, reduction, return_norms)
+
+
+def _squared_norm_penalty(
+    critic: Critic,
+    x: Inputs,
+    name: str,
+    backend: str,
+    critic_args: Any,
+    critic_kwargs: Any,
+    scaler: Any,
+    reduction: str,
+    return_norms: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    xs = as_inputs(x, name)
+    _check_options(reduction, return_norms)
+    norms = _norms_at(critic, xs, backend, critic_args, critic_kwargs, scaler, True)
+    return _finish(norms.square(), norms, reduction, return_norms)
+
+
+def r1_penalty(
+    critic: Critic,
+    real: Inputs,
+    *,
+    backend: str = "autograd",
+    critic_args: Sequence[Any] = (),
+    critic_kwargs: dict[str, Any] | None = None,
+    scaler: Any = None,
+    reduction: str = "mean",
+    return_norms: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""R1 penalty on real samples (Mescheder et al., 2018).
+
+    .. math::
+        R_1 = \mathbb{E}_{x \sim p_r}\big[\lVert \nabla_x D(x) \rVert_2^2\big]
+
+    No :math:`\gamma/2` factor is applied: the caller weights it, as StyleGAN2 does with
+    ``r1 * (gamma / 2)``. Arguments are those of :func:`gradient_penalty`; ``real`` may be a
+    tuple for a multi-input critic.
+
+    Returns:
+        Tensor or (Tensor, Tensor): the penalty (scalar, or :math:`(N,)` with ``reduction="none"``),
+        and the norms :math:`(N,)` with ``return_norms=True``.
+
+    Raises:
+        TypeError: if ``real`` is not a floating-point tensor or an option has the wrong type.
+        ValueError: if the batch is empty, the backend or reduction is unknown, or the critic's
+            output has no batch dimension N.
+
+    Example::
+
+        >>> critic = lambda x: 0.5 * x.pow(2).sum(dim=1)  # gradient x, so R1 = E||x||^2
+        >>> x = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+        >>> round(gradpen.r1_penalty(critic, x).item(), 4)
+        13.0
+    """
+    return _squared_norm_penalty(
+        critic, real, "real", backend, critic_args, critic_kwargs, scaler, reduction, return_norms
+    )
+
+
+def r2_penalty(
+    critic: Critic,
+    fake: Inputs,
+    *,
+    backend: str = "autograd",
+    critic_args: Sequence[Any] = (),
+    critic_kwargs: dict[str, Any] | None = None,
+    scaler: Any = None,
+    reduction: str = "mean",
+    return_norms: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""R2 penalty on fake samples (Mescheder et al., 2018).
+
+    .. math::
+        R_2 = \mathbb{E}_{x \sim p_g}\big[\lVert \nabla_x D(x) \rVert_2^2\big]
+
+    Like :func:`r1_penalty`, unweighted; ``fake`` is treated as a constant.
+
+    Returns:
+        Tensor or (Tensor, Tensor): as for :func:`r1_penalty`.
+
+    Raises:
+        TypeError: if ``fake`` is not a floating-point tensor or an option has the wrong type.
+        ValueError: as for :func:`r1_penalty`.
+
+    Example::
+
+        >>> critic = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = critic.weight.fill_(2.0)
+        >>> round(gradpen.r2_penalty(critic, torch.randn(4, 2)).item(), 4)  # ||w||^2 = 8
+        8.0
+    """
+    return _squared_norm_penalty(
+        critic, fake, "fake", backend, critic_args, critic_kwargs, scaler, reduction, return_norms
+    )
+
+
+def dragan_penalty(
+    critic: Critic,
+    real: Inputs,
+    center: float = 1.0,
+    one_sided: bool = False,
+    *,
+    noise_scale: float = 0.5,
+    generator: torch.Generator | None = None,
+    backend: str = "autograd",
+    critic_args: Sequence[Any] = (),
+    critic_kwargs: dict[str, Any] | None = None,
+    scaler: Any = None,
+    reduction: str = "mean",
+    return_norms: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""DRAGAN penalty around the real data (Kodali et al., 2017).
+
+    .. math::
+        x_p = x + s\,\sigma_x\,u,\quad u \sim U[0, 1)^{\dim x}, \qquad
+        \hat x = \alpha x + (1 - \alpha) x_p,\quad \alpha \sim U[0, 1], \qquad
+        \mathcal{P} = \mathbb{E}\big[(\lVert \nabla_{\hat x} D(\hat x)\rVert_2 - c)^2\big]
+
+    as in the official DRAGAN code: :math:`\sigma_x` is the (population) standard deviation of the whole batch
+    (of each input, for a multi-input critic), :math:`u` is drawn per element and :math:`\alpha`
+    per sample. So every :math:`\hat x` lies within :math:`s\,\sigma_x` of its real sample, per element.
+
+    Args:
+        noise_scale (float, optional): :math:`s > 0`. Default: ``0.5``.
+        generator (torch.Generator, optional): RNG for :math:`u` and :math:`\alpha`, on the inputs' device.
+
+    The other arguments are those of :func:`gradient_penalty`.
+
+    Returns:
+        Tensor or (Tensor, Tensor): as for :func:`gradient_penalty`.
+
+    Raises:
+        TypeError: if ``real`` is not a floating-point tensor or an option has the wrong type.
+        ValueError: if the batch is empty, ``center < 0``, ``noise_scale <= 0``, or as for
+            :func:`gradient_penalty`.
+
+    Example::
+
+        >>> critic = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = critic.weight.copy_(torch.tensor([[0.6, 0.8]]))  # ||w|| = 1
+        >>> round(gradpen.dragan_penalty(critic, torch.randn(8, 2)).item(), 4)
+        0.0
+    """
+    xs = as_inputs(real, "real")
+    center = check_number(center, "center", low=0.0)
+    _check_bool(one_sided, "one_sided")
+    noise_scale = check_number(noise_scale, "noise_scale", low=0.0, strict=True)
+    _check_options(reduction, return_norms)
+    check_generator(generator, xs[0])
+    perturbed = tuple(
+        x + noise_scale * x.std(correction=0) * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        for x in xs
+    )
+    x_hat = _interpolate(xs, perturbed, None, generator)
+    norms = _norms_at(critic, x_hat, backend, critic_args, critic_kwargs, scaler, True)
+    return _finish(_two_sided_or_not(norms, center, one_sided), norms, reduction, return_norms)
+
+
+def wgan_div_penalty(
+    critic: Critic,
+    real: Inputs,
+    fake: Inputs,
+    *,
+    k: float = 2.0,
+    p: float = 6.0,
+    backend: str = "autograd",
+    critic_args: Sequence[Any] = (),
+    critic_kwargs: dict[str, Any] | None = None,
+    scaler: Any = None,
+    reduction: str = "mean",
+    return_norms: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Wasserstein divergence penalty of WGAN-div (Wu et al., 2018).
+
+    .. math::
+        \mathcal{P} = \frac{k}{2}\,\mathbb{E}_i\big[\lVert \nabla D(x^{r}_i) \rVert_2^{p}
+        + \lVert \nabla D(x^{f}_i) \rVert_2^{p}\big]
+
+    evaluated at the real and the fake samples themselves (no interpolation), with the paper's
+    defaults :math:`k = 2`, :math:`p = 6`. Unlike the other penalties, :math:`k` is part of the
+    formula; the caller adds the result to the critic loss without further weight.
+
+    Args:
+        k (float, optional): :math:`k > 0`. Default: ``2.0``.
+        p (float, optional): :math:`p \ge 1`; smaller powers have an infinite slope at a zero
+            gradient. Default: ``6.0``.
+
+    The other arguments are those of :func:`gradient_penalty`.
+
+    Returns:
+        Tensor or (Tensor, Tensor): the penalty (scalar, or :math:`(N,)` per pair with
+        ``reduction="none"``); with ``return_norms=True`` also the norms, shape :math:`(2, N)`:
+        row 0 at the real samples, row 1 at the fake ones.
+
+    Raises:
+        TypeError: if an input is not a floating-point tensor or an option has the wrong type.
+        ValueError: if ``real`` and ``fake`` differ in shape, ``k <= 0``, ``p < 1``, or as for
+            :func:`gradient_penalty`.
+
+    Example::
+
+        >>> critic = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = critic.weight.fill_(1.0)  # ||w||^2 = 2, so ||w||^6 = 8
+        >>> round(gradpen.wgan_div_penalty(critic, torch.randn(4, 2), torch.randn(4, 2)).item(), 4)  # 2/2 (8 + 8)
+        16.0
+    """
+    reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
+    check_pair(reals, fakes)
+    k = check_number(k, "k", low=0.0, strict=True)
+    p = check_number(p, "p", low=1.0)
+    _check_options(reduction, return_norms)
+    args = (backend, critic_args, critic_kwargs, scaler, True)
+    norms = torch.stack([_norms_at(critic, reals, *args), _norms_at(critic, fakes, *args)])
+    return _finish(0.5 * k * norms.pow(p).sum(0), norms, reduction, return_norms)
