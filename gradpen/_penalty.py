@@ -99,13 +99,20 @@ def _pack(xs: tuple[Tensor, ...], like: Inputs) -> Inputs:
     return xs[0] if isinstance(like, Tensor) else xs
 
 
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """U[0, 1) on ``like``'s device and dtype. ``generator=None`` is not passed on: under torch.compile
+    with dynamic shapes, ``torch.rand(..., generator=None)`` fails to trace."""
+    extra = {} if generator is None else {"generator": generator}
+    return torch.rand(shape, device=like.device, dtype=like.dtype, **extra)
+
+
 def _interpolate(
     reals: tuple[Tensor, ...], fakes: tuple[Tensor, ...], alpha: Tensor | None, generator: torch.Generator | None
 ) -> tuple[Tensor, ...]:
     first = reals[0]
     check_generator(generator, first)
     if alpha is None:
-        alpha = torch.rand(first.shape[0], generator=generator, device=first.device, dtype=first.dtype)
+        alpha = _rand((first.shape[0],), generator, first)
     else:
         alpha = check_alpha(alpha, first)
     # lerp(f, r, a) = f + a (r - f); exact at a = 0 (fake) and a = 1 (real).
@@ -447,7 +454,7 @@ def dragan_penalty(
     _check_options(reduction, return_norms)
     check_generator(generator, xs[0])
     perturbed = tuple(
-        x + noise_scale * x.std(correction=0) * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x + noise_scale * x.std(correction=0) * _rand(x.shape, generator, x)
         for x in xs
     )
     x_hat = _interpolate(xs, perturbed, None, generator)

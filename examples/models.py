@@ -1,0 +1,154 @@
+"""The WGAN-GP paper's CIFAR-10 networks, in PyTorch.
+
+- ``resnet``: ``gan_cifar_resnet.py`` of the official code (Gulrajani et al. 2017, Appendix F):
+  BatchNorm in the generator only, no normalisation in the critic.
+- ``dcgan``: the DCGAN-like ``gan_cifar.py``: BatchNorm in the generator only, LeakyReLU(0.2) critic.
+
+Both take ``image_size`` 32 (the paper) or 64 (one more up/down-sampling stage) and ``channels``
+(3 for RGB, 1 for digits). Weights use PyTorch's default init; the official code uses He/Glorot
+uniform init, which changes nothing we measured.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Z_DIM = 128  # latent size of both official scripts
+
+
+def _stages(image_size: int) -> int:
+    if image_size not in (32, 64):
+        raise ValueError(f"image_size must be 32 or 64, got {image_size}")
+    return int(math.log2(image_size // 4))  # 4x4 -> image_size by doubling
+
+
+class ConvMeanPool(nn.Conv2d):
+    """Conv, then 2x2 mean pool (official ``ConvMeanPool``)."""
+
+    def forward(self, x):
+        return F.avg_pool2d(super().forward(x), 2)
+
+
+class MeanPoolConv(nn.Conv2d):
+    """2x2 mean pool, then conv (official ``MeanPoolConv``)."""
+
+    def forward(self, x):
+        return super().forward(F.avg_pool2d(x, 2))
+
+
+class UpsampleConv(nn.Conv2d):
+    """Nearest 2x upsampling, then conv: the official depth_to_space of four copies is exactly this."""
+
+    def forward(self, x):
+        return super().forward(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResidualBlock(nn.Module):
+    """norm -> ReLU -> conv -> norm -> ReLU -> conv, plus a (1x1 conv) shortcut; resample None/'up'/'down'."""
+
+    def __init__(self, cin: int, cout: int, resample: str | None, norm: bool):
+        super().__init__()
+        if resample == "down":
+            self.conv1, self.conv2 = nn.Conv2d(cin, cin, 3, padding=1), ConvMeanPool(cin, cout, 3, padding=1)
+            self.shortcut: nn.Module = ConvMeanPool(cin, cout, 1)
+        elif resample == "up":
+            self.conv1, self.conv2 = UpsampleConv(cin, cout, 3, padding=1), nn.Conv2d(cout, cout, 3, padding=1)
+            self.shortcut = UpsampleConv(cin, cout, 1)
+        else:
+            self.conv1, self.conv2 = nn.Conv2d(cin, cout, 3, padding=1), nn.Conv2d(cout, cout, 3, padding=1)
+            self.shortcut = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        mid = cin if resample == "down" else cout  # channels after conv1
+        self.norm1 = nn.BatchNorm2d(cin) if norm else nn.Identity()
+        self.norm2 = nn.BatchNorm2d(mid) if norm else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.relu(self.norm1(x)))
+        return self.shortcut(x) + self.conv2(F.relu(self.norm2(h)))
+
+
+class OptimizedDiscBlock(nn.Module):
+    """The critic's first block: conv -> ReLU -> ConvMeanPool, shortcut MeanPoolConv (no ReLU on the image)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(cin, cout, 3, padding=1), ConvMeanPool(cout, cout, 3, padding=1)
+        self.shortcut = MeanPoolConv(cin, cout, 1)
+
+    def forward(self, x):
+        return self.shortcut(x) + self.conv2(F.relu(self.conv1(x)))
+
+
+class ResNetGenerator(nn.Module):
+    def __init__(self, dim: int = 128, image_size: int = 32, channels: int = 3):
+        super().__init__()
+        self.dim = dim
+        self.input = nn.Linear(Z_DIM, 4 * 4 * dim)
+        self.blocks = nn.Sequential(*[ResidualBlock(dim, dim, "up", norm=True) for _ in range(_stages(image_size))])
+        self.out_norm = nn.BatchNorm2d(dim)
+        self.output = nn.Conv2d(dim, channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.blocks(self.input(z).view(-1, self.dim, 4, 4))
+        return torch.tanh(self.output(F.relu(self.out_norm(x))))
+
+
+class ResNetCritic(nn.Module):
+    def __init__(self, dim: int = 128, image_size: int = 32, channels: int = 3):
+        super().__init__()
+        downs = _stages(image_size) - 2  # 32x32: optimized block (->16) and one down block (->8)
+        self.blocks = nn.Sequential(
+            OptimizedDiscBlock(channels, dim),
+            *[ResidualBlock(dim, dim, "down", norm=False) for _ in range(downs)],
+            ResidualBlock(dim, dim, None, norm=False),
+            ResidualBlock(dim, dim, None, norm=False),
+        )
+        self.output = nn.Linear(dim, 1)
+
+    def forward(self, x):
+        return self.output(F.relu(self.blocks(x)).mean((2, 3))).squeeze(1)
+
+
+class DCGANGenerator(nn.Module):
+    def __init__(self, dim: int = 128, image_size: int = 32, channels: int = 3):
+        super().__init__()
+        n = _stages(image_size)
+        self.top = 2 ** (n - 1) * dim
+        self.input = nn.Sequential(nn.Linear(Z_DIM, 4 * 4 * self.top), nn.BatchNorm1d(4 * 4 * self.top), nn.ReLU())
+        layers: list[nn.Module] = []
+        c = self.top
+        for _ in range(n - 1):
+            layers += [nn.ConvTranspose2d(c, c // 2, 5, 2, padding=2, output_padding=1), nn.BatchNorm2d(c // 2), nn.ReLU()]
+            c //= 2
+        layers += [nn.ConvTranspose2d(c, channels, 5, 2, padding=2, output_padding=1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.body(self.input(z).view(-1, self.top, 4, 4))
+
+
+class DCGANCritic(nn.Module):
+    def __init__(self, dim: int = 128, image_size: int = 32, channels: int = 3):
+        super().__init__()
+        n = _stages(image_size)
+        layers: list[nn.Module] = []
+        c_in, c = channels, dim
+        for _ in range(n):
+            layers += [nn.Conv2d(c_in, c, 5, 2, padding=2), nn.LeakyReLU(0.2)]
+            c_in, c = c, 2 * c
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 4 * c_in, 1))
+
+    def forward(self, x):
+        return self.body(x).squeeze(1)
+
+
+ARCHS = {"resnet": (ResNetGenerator, ResNetCritic), "dcgan": (DCGANGenerator, DCGANCritic)}
+
+
+def build(arch: str, dim: int, image_size: int, channels: int) -> tuple[nn.Module, nn.Module]:
+    """The (generator, critic) pair of ``arch``."""
+    gen_cls, critic_cls = ARCHS[arch]
+    return gen_cls(dim, image_size, channels), critic_cls(dim, image_size, channels)
