@@ -36,7 +36,7 @@ from torch import nn
 import gradpen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import models  # noqa: E402  (the trainer's networks)
+import models
 
 LAMBDA = 10.0  # the paper's penalty weight
 BLOCK = 16  # updates per timed block: a multiple of every=4 and every=16
@@ -136,7 +136,12 @@ def main(argv=None):
     warmup = 1 if args.quick else 2
     width, dim, batch_img = (16, 8, 8) if args.quick else (512, 128, 64)
     mlp = nn.Sequential(
-        nn.Linear(2, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(2, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
         nn.Linear(width, 1),
     )
     cases = {

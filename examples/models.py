@@ -121,7 +121,11 @@ class DCGANGenerator(nn.Module):
         layers: list[nn.Module] = []
         c = self.top
         for _ in range(n - 1):
-            layers += [nn.ConvTranspose2d(c, c // 2, 5, 2, padding=2, output_padding=1), nn.BatchNorm2d(c // 2), nn.ReLU()]
+            layers += [
+                nn.ConvTranspose2d(c, c // 2, 5, 2, padding=2, output_padding=1),
+                nn.BatchNorm2d(c // 2),
+                nn.ReLU(),
+            ]
             c //= 2
         layers += [nn.ConvTranspose2d(c, channels, 5, 2, padding=2, output_padding=1), nn.Tanh()]
         self.body = nn.Sequential(*layers)

@@ -453,10 +453,7 @@ def dragan_penalty(
     noise_scale = check_number(noise_scale, "noise_scale", low=0.0, strict=True)
     _check_options(reduction, return_norms)
     check_generator(generator, xs[0])
-    perturbed = tuple(
-        x + noise_scale * x.std(correction=0) * _rand(x.shape, generator, x)
-        for x in xs
-    )
+    perturbed = tuple(x + noise_scale * x.std(correction=0) * _rand(x.shape, generator, x) for x in xs)
     x_hat = _interpolate(xs, perturbed, None, generator)
     norms = _norms_at(critic, x_hat, backend, critic_args, critic_kwargs, scaler, True)
     return _finish(_two_sided_or_not(norms, center, one_sided), norms, reduction, return_norms)

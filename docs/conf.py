@@ -1,0 +1,54 @@
+"""Sphinx configuration for gradpen: name and version come from the package."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import gradpen  # noqa: E402
+
+project = "gradpen"
+author = "The gradpen developers"
+copyright = "2026, The gradpen developers"
+release = gradpen.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "sphinx.ext.doctest",
+    "myst_parser",
+    "sphinx_copybutton",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
+myst_heading_anchors = 3
+exclude_patterns = ["_build"]
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "none"  # the docstrings carry the types, in the PyTorch style
+autodoc_default_options = {"members": True}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+napoleon_custom_sections = [("Shape", "params_style"), ("Warns", "raises_style")]
+
+# Each project's full inventory online; offline (CI here has no internet) a small local inventory of
+# the objects these docs reference, built by _inv/make_inventories.py.
+intersphinx_mapping = {
+    "python": ("https://docs.python.org/3", (None, "_inv/python.inv")),
+    "torch": ("https://docs.pytorch.org/docs/stable", (None, "_inv/torch.inv")),
+    "numpy": ("https://numpy.org/doc/stable", (None, "_inv/numpy.inv")),
+}
+intersphinx_timeout = 5
+
+copybutton_prompt_text = r">>> |\.\.\. |\$ "
+copybutton_prompt_is_regexp = True
+
+html_theme = "furo"
+html_title = f"gradpen {release}"
+html_static_path = ["_static"]
