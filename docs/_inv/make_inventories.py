@@ -52,7 +52,10 @@ ENTRIES = {
 
 
 def write(name: str, entries) -> None:
-    header = f"# Sphinx inventory version 2\n# Project: {name}\n# Version: \n# The remainder of this file is compressed using zlib.\n"
+    header = (
+        f"# Sphinx inventory version 2\n# Project: {name}\n# Version: \n"
+        "# The remainder of this file is compressed using zlib.\n"
+    )
     body = "".join(f"{obj} {role} 1 {uri} -\n" for obj, role, uri in entries)
     (HERE / f"{name}.inv").write_bytes(header.encode() + zlib.compress(body.encode()))
 
