@@ -35,7 +35,7 @@ autodoc_default_options = {"members": True}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
-napoleon_custom_sections = [("Shape", "params_style"), ("Warns", "raises_style")]
+napoleon_custom_sections = [("Shape", "params_style")]
 
 # Each project's full inventory online; offline (CI here has no internet) a small local inventory of
 # the objects these docs reference, built by _inv/make_inventories.py.
