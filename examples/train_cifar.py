@@ -2,7 +2,7 @@
 
 Quick offline run on 2 CPU cores (scikit-learn's bundled digits, about 10 minutes):
 
-    python examples/train_cifar.py --dataset digits --arch dcgan --dim 32 --iters 2000 --out runs/digits
+    python examples/train_cifar.py --dataset digits --arch dcgan --dim 32 --iters 2000 --sample-every 500 --out runs/digits
 
 The paper's CIFAR-10 ResNet run (unsupervised, IS 7.86 in the paper) on one GPU:
 
@@ -458,7 +458,7 @@ def main(argv=None):
                         f"iter {it} | D {mean[0]:.3f} | W {mean[1]:.3f} | gp {mean[2]:.3f} | |g| {mean[3]:.3f} "
                         f"| G {mean[4]:.3f} | lr {rec['lr']:.2e} | {img_s:.0f} img/s"
                     )
-                    (progress.write if progress is not None else print)(line)
+                    write(line)
                     if writer is not None:
                         for k, v in rec.items():
                             if k != "iter":
@@ -518,6 +518,16 @@ def generate(g: nn.Module, n: int, device, batch: int = 500) -> torch.Tensor:
     return torch.cat(out)
 
 
+def write(line: str):
+    """Print without breaking the progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line)
+    except ImportError:
+        print(line)
+
+
 def evaluate(args, g, images, device, it, rank, metrics, writer):
     if rank != 0:
         return
@@ -532,7 +542,7 @@ def evaluate(args, g, images, device, it, rank, metrics, writer):
         if result is None:
             return
     result = {"iter": it, "eval": True, **result, "eval_seconds": time.perf_counter() - t0}
-    print("eval " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    write("eval " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     metrics.write(json.dumps(result) + "\n")
     metrics.flush()
     if writer is not None:
@@ -546,7 +556,7 @@ def inception_metrics(args, fake: torch.Tensor):
     try:
         import torch_fidelity
     except ImportError:
-        print("eval skipped: IS/FID need torch-fidelity (pip install torch-fidelity)")
+        write("eval skipped: IS/FID need torch-fidelity (pip install torch-fidelity)")
         return None
 
     class Samples(torch.utils.data.Dataset):
@@ -568,7 +578,7 @@ def inception_metrics(args, fake: torch.Tensor):
             input1=Samples(fake), input2=reference, datasets_root=args.data_dir, **kwargs
         )
     except Exception as e:  # most often: the Inception weights cannot be downloaded offline
-        print(f"eval skipped: torch-fidelity failed ({type(e).__name__}: {e}); offline? pass --inception-weights FILE")
+        write(f"eval skipped: torch-fidelity failed ({type(e).__name__}: {e}); offline? pass --inception-weights FILE")
         return None
     return {"IS": m["inception_score_mean"], "IS_std": m["inception_score_std"],
             "FID": m["frechet_inception_distance"]}  # fmt: skip
