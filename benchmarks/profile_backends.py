@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 import gradpen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import models  # noqa: E402
+import models
 
 
 def main(argv=None):

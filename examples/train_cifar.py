@@ -1,8 +1,9 @@
-"""WGAN-GP image trainer built on gradpen (Gulrajani et al., "Improved Training of Wasserstein GANs", 2017).
+r"""WGAN-GP image trainer built on gradpen (Gulrajani et al., "Improved Training of Wasserstein GANs", 2017).
 
 Quick offline run on 2 CPU cores (scikit-learn's bundled digits, about 10 minutes):
 
-    python examples/train_cifar.py --dataset digits --arch dcgan --dim 32 --iters 2000 --sample-every 500 --out runs/digits
+    python examples/train_cifar.py --dataset digits --arch dcgan --dim 32 --iters 2000 \
+        --sample-every 500 --out runs/digits
 
 The paper's CIFAR-10 ResNet run (unsupervised, IS 7.86 in the paper) on one GPU:
 
