@@ -31,10 +31,17 @@ exclude_patterns = ["_build"]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"  # the docstrings carry the types, in the PyTorch style
-autodoc_default_options = {"members": True}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_preprocess_types = True
+napoleon_type_aliases = {
+    "Tensor": "torch.Tensor",
+    "Tensors": "torch.Tensor",
+    "Callable": "collections.abc.Callable",
+    "torch.Generator": "torch.Generator",
+    "torch.amp.GradScaler": "torch.amp.GradScaler",
+}
 napoleon_custom_sections = [("Shape", "params_style")]
 
 # Each project's full inventory online; offline (CI here has no internet) a small local inventory of
