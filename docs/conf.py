@@ -59,3 +59,6 @@ copybutton_prompt_is_regexp = True
 html_theme = "furo"
 html_title = f"gradpen {release}"
 html_static_path = ["_static"]
+# MathJax 3.2.2 (SVG output, self-contained, Apache-2.0) ships with the docs, so the math renders
+# without a CDN: offline, and in CI's screenshots.
+mathjax_path = "mathjax/tex-svg.js"

@@ -270,8 +270,8 @@ def gradient_penalty(
         float64 inputs give float64.
 
     Shape:
-        - real, fake: :math:`(N, *)` (or tuples of such, with the same N)
-        - output: scalar, or :math:`(N,)` with ``reduction="none"``
+        real, fake: :math:`(N, *)` (or tuples of such, with the same N).
+        output: scalar, or :math:`(N,)` with ``reduction="none"``.
 
     Raises:
         TypeError: if an input is not a floating-point tensor, or an option has the wrong type.
