@@ -7,13 +7,11 @@ of them synchronises with the device, except :func:`check_alpha` on a user-given
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-
-Inputs = Tensor | Sequence[Tensor]
 
 
 def as_inputs(x: Any, name: str) -> tuple[Tensor, ...]:
