@@ -288,7 +288,7 @@ def main(argv=None):
     gen, critic = models.build(args.arch, args.dim, args.image_size, channels)
     gen, critic = gen.to(device), critic.to(device)
     ema = copy.deepcopy(gen).eval().requires_grad_(False) if args.ema > 0 else None
-    betas = (args.beta1, 0.9)
+    betas = (args.beta1, DEFAULTS["betas"][args.arch][1])  # beta2 = 0.9 in both scripts
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=betas)
     opt_d = torch.optim.Adam(critic.parameters(), lr=args.lr, betas=betas)
     decay = (lambda it: max(0.0, 1.0 - it / args.iters)) if args.lr_decay == "linear" else (lambda it: 1.0)

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import toy_2d
 
-from tests._examples import EXAMPLES  # noqa: F401  (puts examples/ on sys.path)
-
 
 @pytest.mark.parametrize("dataset", ["8gaussians", "25gaussians"])
 def test_points_at_the_modes_are_all_high_quality_and_cover_every_mode(dataset):
