@@ -25,7 +25,7 @@ extensions = [
     "sphinx_copybutton",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]  # deflist: the Tutorial's argument list
 myst_heading_anchors = 3
 exclude_patterns = ["_build"]
 
@@ -59,6 +59,8 @@ copybutton_prompt_is_regexp = True
 html_theme = "furo"
 html_title = f"gradpen {release}"
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]  # wide equations and tables stay inside the page
+html_js_files = ["search-math.js"]  # search snippets show math as text, not TeX source
 # MathJax 3.2.2 (SVG output, self-contained, Apache-2.0) ships with the docs, so the math renders
 # without a CDN: offline, and in CI's screenshots.
 mathjax_path = "mathjax/tex-svg.js"
