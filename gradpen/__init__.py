@@ -3,10 +3,12 @@
 The public surface is what ``__all__`` lists; every other module is private.
 """
 
+from gradpen._args import shared
 from gradpen._module import GradientPenalty
 from gradpen._penalty import (
     dragan_penalty,
     gradient_norms,
+    gradient_norms_from,
     gradient_penalty,
     interpolate,
     r1_penalty,
@@ -21,9 +23,11 @@ __all__ = [
     "__version__",
     "dragan_penalty",
     "gradient_norms",
+    "gradient_norms_from",
     "gradient_penalty",
     "interpolate",
     "r1_penalty",
     "r2_penalty",
+    "shared",
     "wgan_div_penalty",
 ]

@@ -13,11 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from gradpen._backends import BACKENDS
-from gradpen._checks import as_inputs, check_choice, check_int, check_number
+from gradpen._checks import as_inputs, check_bool, check_choice, check_int, check_number
 from gradpen._penalty import (
     Critic,
     Inputs,
-    _check_bool,
     dragan_penalty,
     gradient_penalty,
     r1_penalty,
@@ -96,7 +95,7 @@ class GradientPenalty(nn.Module):
         super().__init__()
         self.weight = check_number(weight, "weight", low=0.0)
         self.center = check_number(center, "center", low=0.0)
-        self.one_sided = _check_bool(one_sided, "one_sided")
+        self.one_sided = check_bool(one_sided, "one_sided")
         check_choice(kind, "kind", KINDS)
         check_choice(backend, "backend", BACKENDS)
         self.kind, self.backend = kind, backend
@@ -117,15 +116,27 @@ class GradientPenalty(nn.Module):
         for name in uses:
             if given[name] is None:
                 raise ValueError(f"kind={self.kind!r} needs `{name}`, got None.")
-        active = self.calls % self.every == 0
-        self.calls += 1
-        if not active:
+        if not self._active():
+            self._count()
             like = as_inputs(given[uses[0]], uses[0])[0]
             shape = (like.shape[0],) if kwargs.get("reduction") == "none" else ()
-            return torch.zeros(shape, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
+            dtype = torch.promote_types(like.dtype, torch.float32)
+            # A leaf that requires grad: a separate `pen(...).backward()` runs on skipped calls too.
+            return torch.zeros(shape, device=like.device, dtype=dtype, requires_grad=True)
         penalty, norms = call(self, critic, real, fake, {"backend": self.backend, "return_norms": True, **kwargs})
+        self._count()  # only once the penalty exists: a call that raised (OOM, a retry) keeps its turn
         self.last_norms = norms.detach()
         return penalty * (self.weight * self.every)
+
+    # The counter lives outside torch.compile's graph: a compiled step that read it would guard on
+    # its value and recompile on every call. Disabled, the step compiles one graph per branch.
+    @torch.compiler.disable
+    def _active(self) -> bool:
+        return self.calls % self.every == 0
+
+    @torch.compiler.disable
+    def _count(self) -> None:
+        self.calls += 1
 
     def get_extra_state(self) -> dict[str, int]:
         return {"calls": self.calls}

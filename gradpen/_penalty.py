@@ -11,19 +11,23 @@ Every public function here goes through the same three steps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from gradpen._backends import BACKENDS
+from gradpen._args import resolve_critic_args
+from gradpen._backends import BACKENDS, input_grads
 from gradpen._checks import (
     as_inputs,
     check_alpha,
-    check_call_args,
+    check_bool,
     check_choice,
     check_critic,
+    check_critic_output,
     check_generator,
     check_number,
     check_pair,
@@ -39,11 +43,72 @@ REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "none": lambda t: t,
 }
 
+# The largest seed of the inner backward under a GradScaler. The outer loss is scaled by S, but the
+# input gradient is seeded with min(S / N, SEED_CAP) per output element: S itself (2**16 by default)
+# exceeds float16's largest value (65504) and would make every fp16 input gradient inf.
+SEED_CAP = 2.0**10
 
-def _check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}.")
-    return value
+
+def _seed(scaler: Any, n: int, like: Tensor) -> Tensor | None:
+    """The inner backward's seed for a GradScaler (``None`` without one), as a device tensor: no host sync."""
+    check_scaler(scaler)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = scaler.scale(torch.ones((), device=like.device, dtype=torch.float32))
+    return (scale / n).clamp(max=SEED_CAP)
+
+
+def _inference_mode() -> bool:
+    """``torch.is_inference_mode_enabled()``, which torch.compile cannot trace (and compiled code
+    does not run under inference_mode)."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
+@contextlib.contextmanager
+def _grad_mode(create_graph: bool) -> Iterator[None]:
+    """Grad mode for the work of a differentiable result, whatever the caller's mode.
+
+    ``torch.no_grad()`` around a penalty would otherwise return a constant, and the critic would
+    train unregularised. ``torch.inference_mode()`` cannot be lifted for tensors made inside it,
+    so a differentiable result is refused there.
+    """
+    if not create_graph:
+        yield
+        return
+    if _inference_mode():
+        raise RuntimeError(
+            "A differentiable gradient penalty cannot be built under torch.inference_mode(): its tensors "
+            "can never be part of a graph. Compute the penalty outside inference_mode, or, to log the norms "
+            "only, call gradpen.gradient_norms(..., create_graph=False), which works there."
+        )
+    with torch.enable_grad():
+        yield
+
+
+def _norm(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """L2 norm over dim 1 of ``x`` ``(N, M)`` in ``dtype``, without overflow or NaN.
+
+    float32 and bfloat16 values above about 1e19 have squares that overflow float32; each row is
+    divided by its largest magnitude first (the norm is homogeneous, so the result and its gradient
+    are unchanged; the divisor is a constant). float16 squares cannot overflow a float32 sum, and
+    float64 ones not below 1e154, so those skip the rescaling. At a zero row the norm and its
+    gradient are 0, never NaN (``vector_norm``'s subgradient at 0).
+    """
+    if x.dtype in (torch.float16, torch.float64) or x.shape[1] == 0:
+        return torch.linalg.vector_norm(x, dim=1, dtype=dtype)
+    m = x.detach().abs().amax(dim=1, keepdim=True)
+    m = torch.where((m > 0) & m.isfinite(), m, torch.ones_like(m))
+    return torch.linalg.vector_norm(x / m, dim=1, dtype=dtype) * m.squeeze(1).to(dtype)
+
+
+def _grad_norms(grads: tuple[Tensor, ...], seed: Tensor | None) -> Tensor:
+    """Per-sample L2 norms ``(N,)`` over all non-batch elements of all ``grads`` together, in float32 or
+    wider (the widest of the gradients' dtypes), with the seed divided out."""
+    dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
+    flat = [g.reshape(g.shape[0], -1) for g in grads]
+    norms = _norm(flat[0], dtype) if len(flat) == 1 else _norm(torch.stack([_norm(f, dtype) for f in flat], 1), dtype)
+    # Unscale the norm rather than the gradients: N divisions instead of N * D.
+    return norms if seed is None else norms / seed.to(dtype)
 
 
 def _norms_at(
@@ -58,26 +123,21 @@ def _norms_at(
     """Per-sample L2 norm of the critic's input gradient at ``inputs``: shape ``(N,)``.
 
     The norm is over all non-batch dimensions of every input together, computed in float32 or
-    wider (float64 stays float64). ``torch.linalg.vector_norm`` has a zero subgradient at 0, so a
-    zero gradient gives a finite penalty and finite parameter gradients, never NaN.
+    wider (float64 stays float64); see :func:`_grad_norms`.
     """
     check_critic(critic)
     check_choice(backend, "backend", BACKENDS)
-    args, kwargs = check_call_args(critic_args, critic_kwargs)
-    check_scaler(scaler)
-    scale = None
-    if scaler is not None and scaler.is_enabled():
-        # The scale as a device tensor: no host sync (GradScaler.get_scale() would call .item()).
-        scale = scaler.scale(torch.ones((), device=inputs[0].device, dtype=torch.float32))
-    grads = BACKENDS[backend](critic, inputs, args, kwargs, scale, create_graph)
-    dtype = torch.promote_types(grads[0].dtype, torch.float32)
-    per_input = [
-        torch.linalg.vector_norm(g if g.ndim > 1 else g[:, None], dim=tuple(range(1, max(g.ndim, 2))), dtype=dtype)
-        for g in grads
-    ]
-    norms = per_input[0] if len(per_input) == 1 else torch.linalg.vector_norm(torch.stack(per_input, 1), dim=1)
-    # Unscale the norm rather than the gradients: N divisions instead of N * D.
-    return norms if scale is None else norms / scale
+    n = inputs[0].shape[0]
+    call = resolve_critic_args(critic_args, critic_kwargs, n)
+    seed = _seed(scaler, n, inputs[0])
+    if not create_graph and _inference_mode():
+        # Tensors made under inference_mode cannot be saved for backward: work on normal copies.
+        with torch.inference_mode(False):
+            inputs = tuple(x.clone() for x in inputs)
+            call = call.with_rows(tuple(r.clone() for r in call.rows()))
+            return _grad_norms(BACKENDS[backend](critic, inputs, call, seed, False), seed)
+    with _grad_mode(create_graph):
+        return _grad_norms(BACKENDS[backend](critic, inputs, call, seed, create_graph), seed)
 
 
 def _finish(per_sample: Tensor, norms: Tensor, reduction: str, return_norms: bool) -> Tensor | tuple[Tensor, Tensor]:
@@ -87,7 +147,7 @@ def _finish(per_sample: Tensor, norms: Tensor, reduction: str, return_norms: boo
 
 def _check_options(reduction: Any, return_norms: Any) -> None:
     check_choice(reduction, "reduction", REDUCTIONS)
-    _check_bool(return_norms, "return_norms")
+    check_bool(return_norms, "return_norms")
 
 
 def _two_sided_or_not(norms: Tensor, center: float, one_sided: bool) -> Tensor:
@@ -112,12 +172,14 @@ def _interpolate(
     first = reals[0]
     check_generator(generator, first)
     if alpha is None:
-        alpha = _rand((first.shape[0],), generator, first)
+        # Drawn in the widest of the inputs' dtypes, then rounded per input: one alpha for all inputs.
+        widest = functools.reduce(torch.promote_types, (r.dtype for r in reals))
+        alpha = _rand((first.shape[0],), generator, first.to(widest) if first.dtype != widest else first)
     else:
         alpha = check_alpha(alpha, first)
     # lerp(f, r, a) = f + a (r - f); exact at a = 0 (fake) and a = 1 (real).
     return tuple(
-        torch.lerp(f.detach(), r.detach(), alpha.view(-1, *([1] * (r.ndim - 1))))
+        torch.lerp(f.detach(), r.detach(), alpha.to(r.dtype).view(-1, *([1] * (r.ndim - 1))))
         for r, f in zip(reals, fakes, strict=True)
     )
 
@@ -211,7 +273,79 @@ def gradient_norms(
         tensor([5., 5., 5., 5., 5.])
     """
     xs = as_inputs(inputs, "inputs")
-    return _norms_at(critic, xs, backend, critic_args, critic_kwargs, scaler, _check_bool(create_graph, "create_graph"))
+    return _norms_at(critic, xs, backend, critic_args, critic_kwargs, scaler, check_bool(create_graph, "create_graph"))
+
+
+def gradient_norms_from(
+    outputs: Tensor,
+    inputs: Inputs,
+    *,
+    scaler: Any = None,
+    create_graph: bool = True,
+) -> Tensor:
+    r"""Per-sample L2 norms of the input gradient, from a critic forward that has already run.
+
+    .. math::
+        n_i = \big\lVert \nabla_{x_i} \textstyle\sum_k \mathrm{outputs}_{i,k} \big\rVert_2
+
+    For the penalties that reuse the loss's forward, as StyleGAN2 and R3GAN do: make the batch a
+    leaf that requires grad, run the critic once, and take both the loss and the penalty from its
+    output. The norm is the one of :func:`gradient_norms` (per sample, jointly over all inputs,
+    float32 or wider, no NaN at a zero gradient, the GradScaler's scale removed), so
+    ``gradient_norms_from(critic(x), x)`` equals ``gradient_norms(critic, x)``. The graph of
+    ``outputs`` is kept, so the loss can still be backpropagated through it.
+
+    .. warning::
+        Row :math:`i` is the gradient of sample :math:`i`'s outputs with respect to all of
+        ``inputs``, summed over the batch. It is sample :math:`i`'s own gradient only if the samples
+        do not interact in the forward: BatchNorm in training mode, minibatch standard deviation
+        or attention across the batch make it wrong, and nothing can detect that here, because the
+        critic is not seen. (:func:`gradient_norms` warns about BatchNorm; it sees the critic.)
+
+    Args:
+        outputs (Tensor): the critic's scores for the batch, :math:`(N,)`, :math:`(N, 1)` or
+            :math:`(N, \dots)` (summed per sample), still attached to their graph.
+        inputs (Tensor or tuple of Tensors): the batch (or batches, for a multi-input critic) the
+            critic was called on; they must require grad, so make them leaves before the forward:
+            ``x = x.detach().requires_grad_(True)``.
+        scaler (torch.amp.GradScaler, optional): the GradScaler of an fp16 AMP loop. Default: ``None``.
+        create_graph (bool, optional): make the norms differentiable with respect to the critic's
+            parameters (for a penalty). ``False`` for logging only. Default: ``True``.
+
+    Returns:
+        Tensor: norms of shape :math:`(N,)`, float32 or wider.
+
+    Raises:
+        TypeError: if ``outputs`` or ``inputs`` are not floating-point tensors.
+        ValueError: if ``inputs`` do not require grad, or ``outputs`` has no leading batch
+            dimension N (e.g. after ``.mean()``).
+
+    Example::
+
+        >>> critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1))
+        >>> real = torch.randn(8, 3, 4).requires_grad_(True)
+        >>> d_real = critic(real)  # one forward for the loss and the penalty
+        >>> r1 = gradpen.gradient_norms_from(d_real, real).square().mean()
+        >>> loss_d = torch.nn.functional.softplus(-d_real).mean() + (10.0 / 2) * r1
+        >>> loss_d.backward()
+        >>> torch.allclose(r1, critic[1].weight.square().sum())  # a linear critic: ||w||^2
+        True
+    """
+    xs = as_inputs(inputs, "inputs")
+    for i, x in enumerate(xs):
+        if not x.requires_grad:
+            label = "inputs" if len(xs) == 1 else f"inputs[{i}]"
+            raise ValueError(
+                f"`{label}` does not require grad, so the critic's gradient with respect to it was not "
+                "recorded. Make the batch a leaf before the forward: x = x.detach().requires_grad_(True), "
+                "then outputs = critic(x)."
+            )
+    n = xs[0].shape[0]
+    out = check_critic_output(outputs, n, "outputs")
+    create_graph = check_bool(create_graph, "create_graph")
+    seed = _seed(scaler, n, xs[0])
+    with _grad_mode(create_graph):
+        return _grad_norms(input_grads(out, xs, seed, create_graph, retain_graph=True), seed)
 
 
 def gradient_penalty(
@@ -296,11 +430,12 @@ def gradient_penalty(
     reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
     check_pair(reals, fakes)
     center = check_number(center, "center", low=0.0)
-    _check_bool(one_sided, "one_sided")
+    check_bool(one_sided, "one_sided")
     _check_options(reduction, return_norms)
     x_hat = _interpolate(reals, fakes, alpha, generator)
-    norms = _norms_at(critic, x_hat, backend, critic_args, critic_kwargs, scaler, True)
-    return _finish(_two_sided_or_not(norms, center, one_sided), norms, reduction, return_norms)
+    with _grad_mode(True):
+        norms = _norms_at(critic, x_hat, backend, critic_args, critic_kwargs, scaler, True)
+        return _finish(_two_sided_or_not(norms, center, one_sided), norms, reduction, return_norms)
 
 
 def _squared_norm_penalty(
@@ -316,8 +451,9 @@ def _squared_norm_penalty(
 ) -> Tensor | tuple[Tensor, Tensor]:
     xs = as_inputs(x, name)
     _check_options(reduction, return_norms)
-    norms = _norms_at(critic, xs, backend, critic_args, critic_kwargs, scaler, True)
-    return _finish(norms.square(), norms, reduction, return_norms)
+    with _grad_mode(True):
+        norms = _norms_at(critic, xs, backend, critic_args, critic_kwargs, scaler, True)
+        return _finish(norms.square(), norms, reduction, return_norms)
 
 
 def r1_penalty(
@@ -449,14 +585,15 @@ def dragan_penalty(
     """
     xs = as_inputs(real, "real")
     center = check_number(center, "center", low=0.0)
-    _check_bool(one_sided, "one_sided")
+    check_bool(one_sided, "one_sided")
     noise_scale = check_number(noise_scale, "noise_scale", low=0.0, strict=True)
     _check_options(reduction, return_norms)
     check_generator(generator, xs[0])
     perturbed = tuple(x + noise_scale * x.std(correction=0) * _rand(x.shape, generator, x) for x in xs)
     x_hat = _interpolate(xs, perturbed, None, generator)
-    norms = _norms_at(critic, x_hat, backend, critic_args, critic_kwargs, scaler, True)
-    return _finish(_two_sided_or_not(norms, center, one_sided), norms, reduction, return_norms)
+    with _grad_mode(True):
+        norms = _norms_at(critic, x_hat, backend, critic_args, critic_kwargs, scaler, True)
+        return _finish(_two_sided_or_not(norms, center, one_sided), norms, reduction, return_norms)
 
 
 def wgan_div_penalty(
@@ -514,5 +651,6 @@ def wgan_div_penalty(
     p = check_number(p, "p", low=1.0)
     _check_options(reduction, return_norms)
     args = (backend, critic_args, critic_kwargs, scaler, True)
-    norms = torch.stack([_norms_at(critic, reals, *args), _norms_at(critic, fakes, *args)])
-    return _finish(0.5 * k * norms.pow(p).sum(0), norms, reduction, return_norms)
+    with _grad_mode(True):
+        norms = torch.stack([_norms_at(critic, reals, *args), _norms_at(critic, fakes, *args)])
+        return _finish(0.5 * k * norms.pow(p).sum(0), norms, reduction, return_norms)

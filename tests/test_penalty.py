@@ -339,7 +339,7 @@ _CRITIC = nn.Linear(3, 1)
         (
             {"alpha": torch.tensor([0.0, 0.5, 1.5, 1.0])},
             ValueError,
-            r"`alpha` must lie in \[0, 1\], got values in \[0, 1.5\]",
+            r"`alpha` must lie in \[0, 1\], got values in \[0.0, 1.5\]",
         ),
         ({"alpha": [0.5] * 4}, TypeError, "`alpha` must be a Tensor"),
         ({"generator": 3}, TypeError, "`generator` must be a torch.Generator"),
