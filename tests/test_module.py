@@ -91,6 +91,8 @@ def test_dragan_kind_uses_real_and_generator():
         ({"backend": "jit"}, ValueError, "Unknown backend 'jit'"),
         ({"kind": "r1", "center": 0.0}, ValueError, "`center` and `one_sided` do not apply to kind='r1'"),
         ({"one_sided": "no"}, TypeError, "`one_sided` must be a bool"),
+        ({"weight": float("inf")}, ValueError, "`weight` must be finite, got inf"),
+        ({"center": float("inf")}, ValueError, "`center` must be finite, got inf"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs, error, match):
@@ -106,3 +108,57 @@ def test_bad_call_arguments():
         gradpen.GradientPenalty(kind="r2")(critic, real, None)
     with pytest.raises(TypeError, match=r"read the norms from `\.last_norms`"):
         gradpen.GradientPenalty()(critic, real, fake, return_norms=True)
+
+
+def test_skipped_call_supports_its_own_backward():
+    """StyleGAN-style `pen(D, real, None).backward()` works on skipped calls and leaves the critic untouched."""
+    critic, real, _, _ = _setup()
+    pen = gradpen.GradientPenalty(weight=5.0, kind="r1", every=4)
+    pen(critic, real, None).backward()  # call 0: active
+    assert critic[1].weight.grad is not None
+    critic.zero_grad(set_to_none=True)
+    for _ in range(3):  # calls 1-3: skipped
+        out = pen(critic, real, None)
+        out.backward()
+        assert out.item() == 0.0
+    assert all(p.grad is None for p in critic.parameters())
+
+
+def test_call_that_raises_keeps_its_turn():
+    """A call that fails (OOM, a bad batch) does not use up the active slot: the retry computes the penalty."""
+    critic, real, fake, alpha = _setup()
+    pen = gradpen.GradientPenalty(weight=1.0, every=3)
+
+    def failing(x):
+        raise RuntimeError("out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        pen(failing, real, fake, alpha=alpha)
+    assert pen.calls == 0
+    torch.testing.assert_close(
+        pen(critic, real, fake, alpha=alpha), 3.0 * gradpen.gradient_penalty(critic, real, fake, alpha=alpha)
+    )
+    assert pen.calls == 1
+
+
+@pytest.mark.slow
+def test_compiled_step_compiles_a_bounded_number_of_graphs():
+    """A compiled step that calls a lazy GradientPenalty 12 times compiles a few graphs, not one per call, and
+    returns what eager mode returns on every call."""
+    import torch._dynamo
+
+    critic, real, fake, alpha = _setup()
+    eager = gradpen.GradientPenalty(weight=2.0, every=4)
+    compiled_pen = gradpen.GradientPenalty(weight=2.0, every=4)
+
+    def step(pen, real, fake, alpha):
+        return critic(fake).mean() - critic(real).mean() + pen(critic, real, fake, alpha=alpha)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(step)
+    for _ in range(12):
+        torch.testing.assert_close(compiled(compiled_pen, real, fake, alpha), step(eager, real, fake, alpha))
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert compiled_pen.calls == eager.calls == 12
+    assert frames <= 6, f"{frames} graphs compiled for 12 calls"

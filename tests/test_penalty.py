@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given
@@ -372,3 +374,156 @@ def test_gradient_norms_errors():
         gradpen.gradient_norms(_CRITIC, _X, create_graph=None)
     with pytest.raises(TypeError, match="`critic` must return a Tensor, got tuple"):
         gradpen.gradient_norms(lambda x: (x,), _X)
+
+
+# --------------------------------------------------------------------------- hardening (issue 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 2.0**16, 2.0**24])
+def test_fp16_autocast_with_gradscaler_is_finite_and_unscaled(backend, scale):
+    """fp16 autocast with a GradScaler at any scale (2^16 is the default) gives the fp32 penalty, in float32."""
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
+    real, fake, alpha = torch.randn(8, 16), torch.randn(8, 16), torch.rand(8)
+    want = gradpen.gradient_penalty(critic, real, fake, alpha=alpha, backend=backend)
+    (want_grad,) = torch.autograd.grad(want, critic[0].weight)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    with torch.autocast("cpu", dtype=torch.float16):
+        gp = gradpen.gradient_penalty(critic, real, fake, alpha=alpha, scaler=scaler, backend=backend)
+    (grad,) = torch.autograd.grad(gp, critic[0].weight)
+    assert gp.dtype == torch.float32
+    torch.testing.assert_close(gp, want, rtol=5e-3, atol=1e-4)
+    torch.testing.assert_close(grad, want_grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_penalty_under_no_grad_is_still_differentiable(backend):
+    """A penalty computed inside torch.no_grad() still trains the critic, with the same gradients as outside."""
+    critic = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    real, fake, alpha = torch.randn(6, 3), torch.randn(6, 3), torch.rand(6)
+    want = torch.autograd.grad(
+        gradpen.gradient_penalty(critic, real, fake, alpha=alpha, backend=backend), critic[0].weight
+    )
+    with torch.no_grad():
+        gp = gradpen.gradient_penalty(critic, real, fake, alpha=alpha, backend=backend)
+    assert gp.requires_grad
+    torch.testing.assert_close(torch.autograd.grad(gp, critic[0].weight), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_logging_norms_work_under_no_grad_and_inference_mode(backend, mode):
+    """gradient_norms(create_graph=False) gives the same norms under no_grad and inference_mode as outside."""
+    emb, lin = nn.Embedding(4, 3), nn.Linear(3, 1)
+    critic = lambda x, y: lin(x * emb(y)).squeeze(1)  # labels are saved for backward by the embedding
+    x, y = torch.randn(5, 3), torch.randint(0, 4, (5,))
+    want = gradpen.gradient_norms(critic, x, critic_args=(y,), backend=backend, create_graph=False)
+    with mode():
+        x_in, y_in = x.clone(), y.clone()  # tensors made inside the mode, as in a real eval loop
+        got = gradpen.gradient_norms(critic, x_in, critic_args=(y_in,), backend=backend, create_graph=False)
+    torch.testing.assert_close(got, want)
+    assert not got.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_differentiable_penalty_is_refused_under_inference_mode(backend):
+    """A penalty (which must be differentiable) under inference_mode raises, pointing to gradient_norms."""
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inference_mode.*create_graph=False"):
+        gradpen.gradient_penalty(nn.Linear(3, 1), torch.randn(4, 3), torch.randn(4, 3), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "critic",
+    [lambda x: torch.zeros(x.shape[0]), lambda x: x.new_ones(x.shape[0]) * 3.0, nn.Sequential(nn.Linear(3, 1))],
+    ids=["zeros", "constant", "linear-ignoring"],
+)
+def test_critic_that_ignores_its_input_has_zero_norm(backend, critic):
+    """A critic whose output does not depend on x has norm 0 on both backends, so the penalty is center^2."""
+    if isinstance(critic, nn.Sequential):
+        lin = critic[0]
+        critic = lambda x, lin=lin: lin(torch.ones_like(x)).squeeze(1)  # uses parameters, not the values of x
+    gp, norms = gradpen.gradient_penalty(
+        critic, torch.randn(4, 3), torch.randn(4, 3), backend=backend, return_norms=True
+    )
+    assert torch.equal(norms, torch.zeros(4))
+    assert gp.item() == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_input_critic_with_two_dtypes(backend):
+    """Inputs of different dtypes (float32 image, float64 condition) in either order: a float64 norm equal
+    to the loop reference, one alpha for both."""
+    w1, w2 = torch.randn(3, **F64), torch.randn(2, **F64)
+    critic = lambda a, b: torch.tanh(a.double() @ w1 + b.double() @ w2)
+    for order in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        real = (torch.randn(4, 3, dtype=order[0]), torch.randn(4, 2, dtype=order[1]))
+        fake = (torch.randn(4, 3, dtype=order[0]), torch.randn(4, 2, dtype=order[1]))
+        alpha = torch.rand(4, **F64)
+        _, norms = gradpen.gradient_penalty(critic, real, fake, alpha=alpha, backend=backend, return_norms=True)
+        x_hat = [a.to(torch.float64) for a in gradpen.interpolate(real, fake, alpha=alpha)]
+        want = ref.per_sample_norms(critic, x_hat)
+        assert norms.dtype == torch.float64
+        torch.testing.assert_close(norms, want.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_interpolate_detaches_a_given_alpha():
+    """interpolate() returns a constant even when the given alpha requires grad."""
+    alpha = torch.rand(4, requires_grad=True)
+    assert not gradpen.interpolate(torch.randn(4, 3), torch.randn(4, 3), alpha=alpha).requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_gradients_give_finite_norms_and_gradients(backend):
+    """Gradients of 1e19 per element (a norm of ~5.5e20, representable in float32) give the right norm
+    and finite parameter gradients, where a plain float32 sum of squares overflows."""
+    critic = nn.Linear(3072, 1, bias=False)
+    with torch.no_grad():
+        critic.weight.fill_(1e19)
+    _, norms = gradpen.r1_penalty(critic, torch.randn(2, 3072), backend=backend, return_norms=True)
+    torch.testing.assert_close(norms, torch.full((2,), 1e19 * 3072**0.5))
+    (grad,) = torch.autograd.grad(norms.sum(), critic.weight)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, torch.full_like(grad, 2 / 3072**0.5))  # d||w||/dw = w/||w||, per sample
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"center": float("inf")}, "`center` must be finite, got inf"),
+        ({"center": float("nan")}, "`center` must not be NaN"),
+        ({"alpha": torch.tensor([0.5, 0.5, 0.5, 1 + 1e-12], dtype=torch.float64)}, r"\[0\.5, 1\.000000000001\]"),
+    ],
+)
+def test_non_finite_and_barely_out_of_range_values(kwargs, match):
+    """inf and NaN options are refused; an alpha just above 1 is reported with enough digits to see it."""
+    with pytest.raises(ValueError, match=match):
+        gradpen.gradient_penalty(_CRITIC.double(), _X.double(), _X.double(), **kwargs)
+
+
+def test_numpy_bools_and_numbers_are_accepted():
+    """np.bool_ (what array comparisons give) is a bool and np.float32 a number, not a confusing error."""
+    np = pytest.importorskip("numpy")
+    critic = nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    got = gradpen.gradient_penalty(critic, x, x.clone(), np.float32(0.5), np.bool_(True))
+    want = gradpen.gradient_penalty(critic, x, x.clone(), 0.5, True)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match=r"`one_sided` must be a bool, got numpy\.ndarray"):
+        gradpen.gradient_penalty(critic, x, x.clone(), one_sided=np.array([True, False]))
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [lambda m: functools.partial(m), lambda m: m.forward, lambda m: functools.partial(m.forward)],
+    ids=["partial", "bound-forward", "partial-of-forward"],
+)
+def test_batchnorm_is_seen_through_partial_and_bound_methods(wrap):
+    """BatchNorm in training mode is found behind functools.partial(D) and D.forward, on both backends."""
+    critic = wrap(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)))
+    real, fake = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        gradpen.gradient_penalty(critic, real, fake)
+    with pytest.raises(ValueError, match="backend='func' cannot run a critic with BatchNorm"):
+        gradpen.gradient_penalty(critic, real, fake, backend="func")
