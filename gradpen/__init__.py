@@ -3,6 +3,7 @@
 The public surface is what ``__all__`` lists; every other module is private.
 """
 
+from gradpen._approx import approx_gradient_penalty, approx_r1_penalty, approx_r2_penalty
 from gradpen._args import shared
 from gradpen._module import GradientPenalty
 from gradpen._penalty import (
@@ -21,6 +22,9 @@ __version__ = "0.1.0"
 __all__ = [
     "GradientPenalty",
     "__version__",
+    "approx_gradient_penalty",
+    "approx_r1_penalty",
+    "approx_r2_penalty",
     "dragan_penalty",
     "gradient_norms",
     "gradient_norms_from",

@@ -1,0 +1,374 @@
+r"""Double-backward-free penalties: finite-difference estimators of :math:`\lVert \nabla_x D(x) \rVert_2^2`.
+
+An estimator is not a backend: backends return the exact input gradient, the estimators never form
+it. They need forwards and the ordinary backward of the loss only, so they run where a double
+backward cannot (fused attention kernels, FSDP2, ``torch.compile``, custom ops without a double
+backward). Each one estimates the same per-sample quantity as its exact twin, so the twin's weight
+carries over unchanged:
+
+==========  ==================================================================  ====================
+scheme      per-draw quotient :math:`q`                                         critic evaluations
+==========  ==================================================================  ====================
+forward     :math:`(D(x + \sigma\varepsilon) - D(x)) / \sigma`                  ``1 + draws``
+central     :math:`(D(x + \sigma\varepsilon) - D(x - \sigma\varepsilon)) / 2\sigma`  ``2 * draws``
+==========  ==================================================================  ====================
+
+with :math:`\varepsilon \sim \mathcal N(0, I)` per element and the estimate the mean of :math:`q^2`
+over the draws. As :math:`\sigma \to 0`, :math:`q \to \nabla D \cdot \varepsilon`, whose square has
+mean :math:`\lVert \nabla D \rVert^2`.
+
+**Fused or separate forwards.** All points (``x`` and its perturbations) must see the same critic:
+the same dropout masks, and no mixing between the copies. The critic runs once on the concatenated
+batch (one fused forward) when the modules behind it are visible (:func:`gradpen._guards.critic_modules`)
+and none of them is random or batch-coupled: no dropout with ``p > 0``, ``nn.MultiheadAttention`` with
+dropout or ``nn.RReLU`` in training mode, and no BatchNorm that uses batch statistics. Otherwise (and
+for a critic that hides its modules, such as a lambda) each point gets its own forward, and every
+forward starts from the same global RNG state (CPU and the inputs' accelerator), so random layers draw
+the same masks in every branch; the RNG is left as one forward would leave it. In eager mode, a fused
+forward that still drew from the global RNG (a custom layer calling ``F.dropout``) is discarded and
+redone as separate forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradpen._args import CriticCall, resolve_critic_args
+from gradpen._checks import (
+    as_inputs,
+    check_choice,
+    check_critic,
+    check_critic_output,
+    check_generator,
+    check_int,
+    check_number,
+    check_pair,
+)
+from gradpen._guards import critic_modules
+from gradpen._penalty import Critic, Inputs, _check_options, _finish, _grad_mode, _interpolate
+
+# scheme -> (a, b): q = (D(x + a sigma eps) - D(x + b sigma eps)) / ((a - b) sigma)
+SCHEMES: dict[str, tuple[float, float]] = {
+    "forward": (1.0, 0.0),
+    "central": (1.0, -1.0),
+}
+
+
+def _mixes_branches(m: nn.Module) -> bool:
+    """Whether ``m`` would make one forward over stacked copies differ from separate forwards."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return m.training or not m.track_running_stats
+    if not m.training:
+        return False
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    if isinstance(m, nn.MultiheadAttention):
+        return m.dropout > 0
+    return isinstance(m, nn.RReLU)
+
+
+def _can_fuse(critic: Critic) -> bool:
+    """One forward over all points is equivalent to one forward per point; see the module docstring."""
+    roots = critic_modules(critic)
+    return bool(roots) and not any(_mixes_branches(m) for root in roots for m in root.modules())
+
+
+def _rng_state(device: torch.device) -> list[Tensor]:
+    """The global RNG states a critic on ``device`` can draw from: the CPU's, and the accelerator's."""
+    states = [torch.get_rng_state()]
+    if device.type != "cpu":
+        states.append(torch.get_device_module(device).get_rng_state(device))
+    return states
+
+
+def _set_rng_state(device: torch.device, states: list[Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if device.type != "cpu":
+        torch.get_device_module(device).set_rng_state(states[1], device)
+
+
+def _scores(out: Any, rows: int) -> Tensor:
+    """Per-sample scores ``(rows,)``: the critic's outputs summed per sample, in float32 or wider."""
+    out = check_critic_output(out, rows)
+    return out.reshape(rows, -1).sum(1, dtype=torch.promote_types(out.dtype, torch.float32))
+
+
+def _separate(critic: Critic, call: CriticCall, points: list[tuple[Tensor, ...]], device: torch.device) -> Tensor:
+    """One forward per point, each from the same global RNG state: equal dropout masks in all branches."""
+    state = _rng_state(device)
+    scores = []
+    for j, xs in enumerate(points):
+        if j:
+            _set_rng_state(device, state)
+        scores.append(_scores(call(critic, *xs), xs[0].shape[0]))
+    return torch.stack(scores)
+
+
+def _fused(critic: Critic, call: CriticCall, points: list[tuple[Tensor, ...]]) -> Tensor:
+    """One forward over the concatenated points: scores ``(len(points), N)``."""
+    k, n = len(points), points[0][0].shape[0]
+    stacked = tuple(torch.cat(column) for column in zip(*points, strict=True))
+    return _scores(call.tiled(k)(critic, *stacked), k * n).view(k, n)
+
+
+def _settings(sigma: Any, draws: Any, scheme: Any) -> tuple[float, int]:
+    sigma = check_number(sigma, "sigma", low=0.0, strict=True)
+    draws = check_int(draws, "draws", low=1)
+    check_choice(scheme, "scheme", SCHEMES)
+    return sigma, draws
+
+
+def _estimate(
+    critic: Critic,
+    xs: tuple[Tensor, ...],
+    sigma: float,
+    draws: int,
+    scheme: str,
+    generator: torch.Generator | None,
+    critic_args: Any,
+    critic_kwargs: Any,
+) -> Tensor:
+    """The per-sample estimate ``(N,)`` of the squared input-gradient norm (see the module docstring)."""
+    check_critic(critic)
+    first = xs[0]
+    check_generator(generator, first)
+    call = resolve_critic_args(critic_args, critic_kwargs, first.shape[0])
+    xs = tuple(x.detach() for x in xs)
+    extra = {} if generator is None else {"generator": generator}  # see _penalty._rand
+    a, b = SCHEMES[scheme]
+
+    points: list[tuple[Tensor, ...]] = []
+    base: list[int] = []  # the index of the unperturbed point, shared by all draws
+
+    def at(offset: float, eps: tuple[Tensor, ...]) -> int:
+        if offset == 0.0 and base:
+            return base[0]
+        points.append(xs if offset == 0.0 else tuple(x + (offset * sigma) * e for x, e in zip(xs, eps, strict=True)))
+        if offset == 0.0:
+            base.append(len(points) - 1)
+        return len(points) - 1
+
+    pairs = []
+    for _ in range(draws):
+        eps = tuple(torch.randn(x.shape, dtype=x.dtype, device=x.device, **extra) for x in xs)
+        pairs.append((at(a, eps), at(b, eps)))
+
+    if not _can_fuse(critic):
+        scores = _separate(critic, call, points, first.device)
+    elif torch.compiler.is_compiling():
+        scores = _fused(critic, call, points)
+    else:
+        before = _rng_state(first.device)
+        scores = _fused(critic, call, points)
+        if any(not torch.equal(s, t) for s, t in zip(before, _rng_state(first.device), strict=True)):
+            _set_rng_state(first.device, before)  # the critic is random after all: one forward per point
+            scores = _separate(critic, call, points, first.device)
+
+    plus, minus = ([pair[i] for pair in pairs] for i in (0, 1))
+    q = (scores[plus] - scores[minus]) / ((a - b) * sigma)  # (draws, N)
+    return q.square().mean(0)
+
+
+def _squared_norm(
+    critic: Critic,
+    x: Inputs,
+    name: str,
+    sigma: Any,
+    draws: Any,
+    scheme: Any,
+    generator: Any,
+    critic_args: Any,
+    critic_kwargs: Any,
+    reduction: Any,
+    return_norms: Any,
+) -> Tensor | tuple[Tensor, Tensor]:
+    xs = as_inputs(x, name)
+    sigma, draws = _settings(sigma, draws, scheme)
+    _check_options(reduction, return_norms)
+    with _grad_mode(True):
+        est = _estimate(critic, xs, sigma, draws, scheme, generator, critic_args, critic_kwargs)
+        return _finish(est, est.detach().sqrt(), reduction, return_norms)
+
+
+def approx_r1_penalty(
+    critic: Critic,
+    real: Inputs,
+    *,
+    sigma: float = 0.01,
+    draws: int = 1,
+    scheme: str = "forward",
+    generator: torch.Generator | None = None,
+    critic_args: Sequence[Any] = (),
+    critic_kwargs: dict[str, Any] | None = None,
+    reduction: str = "mean",
+    return_norms: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""R1 penalty estimated by finite differences, with no double backward.
+
+    .. math::
+        \widehat{R}_1 = \mathbb{E}_{x \sim p_r}\Big[\frac{1}{K}\sum_{k=1}^{K}
+            \Big(\frac{D(x + \sigma\varepsilon_k) - D(x)}{\sigma}\Big)^2\Big],
+        \qquad \varepsilon_k \sim \mathcal N(0, I)
+
+    for ``scheme="forward"``; ``"central"`` uses
+    :math:`(D(x + \sigma\varepsilon_k) - D(x - \sigma\varepsilon_k)) / 2\sigma`. Per sample, the
+    mean over the draws estimates :math:`\lVert \nabla_x D(x) \rVert_2^2`, the summand of
+    :func:`r1_penalty`, so the same weight applies (:math:`\gamma/2`). The estimate is exact in mean
+    for a linear critic at any :math:`\sigma`; for a smooth one its bias is :math:`O(\sigma^2)`
+    for both schemes (odd moments of :math:`\varepsilon` vanish), with a smaller constant for
+    ``"central"``; see :doc:`/approx`. Both branches are differentiated (no stop-gradient), so the
+    parameter gradient estimates the gradient of the exact R1.
+
+    .. note::
+        Every point sees the same critic. The critic runs once over all points concatenated
+        when that is equivalent, and once per point from the same RNG state otherwise (dropout,
+        batch-coupled layers, a critic whose modules are hidden in a function); see :doc:`/approx`.
+
+    Args:
+        critic (Callable): maps a batch :math:`(N, *)` (and ``critic_args``) to scores
+            :math:`(N,)`, :math:`(N, 1)` or :math:`(N, \dots)` (summed per sample).
+        real (Tensor or tuple of Tensors): real batch, or a tuple for a multi-input critic (all
+            inputs are perturbed, so the norm is joint). Treated as a constant.
+        sigma (float, optional): standard deviation :math:`\sigma > 0` of the perturbation,
+            per element. Default: ``0.01``.
+        draws (int, optional): number :math:`K \ge 1` of perturbations per sample. Default: ``1``.
+        scheme (str, optional): ``"forward"`` (``1 + draws`` critic evaluations per sample) or
+            ``"central"`` (``2 * draws``). Default: ``"forward"``.
+        generator (torch.Generator, optional): RNG for :math:`\varepsilon`, on the inputs' device.
+        critic_args (tuple, optional): extra positional arguments of the critic, as in
+            :func:`r1_penalty`. Default: ``()``.
+        critic_kwargs (dict, optional): extra keyword arguments of the critic. Default: ``None``.
+        reduction (str, optional): ``"mean"``, ``"sum"`` or ``"none"``. Default: ``"mean"``.
+        return_norms (bool, optional): also return :math:`\sqrt{\text{estimate}}` per sample,
+            detached (for logging: it is biased low, see :doc:`/approx`). Default: ``False``.
+
+    Returns:
+        Tensor or (Tensor, Tensor): the estimate (scalar, or :math:`(N,)` with
+        ``reduction="none"``), differentiable with respect to the critic's parameters; with
+        ``return_norms=True`` also the norms :math:`(N,)`. Float32 or wider: float64 critics give
+        float64, fp16/bf16 outputs are summed and differenced in float32.
+
+    Raises:
+        TypeError: if ``real`` is not a floating-point tensor or an option has the wrong type.
+        ValueError: if the batch is empty, ``sigma`` is not finite and positive, ``draws < 1``,
+            the scheme or reduction is unknown, or the critic's output has no batch dimension.
+
+    Example::
+
+        >>> critic = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = critic.weight.copy_(torch.tensor([[3.0, 4.0]]))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> est = gradpen.approx_r1_penalty(critic, torch.randn(4096, 2), generator=g)
+        >>> abs(est.item() - 25.0) < 2.0  # ||w||^2 = 25, up to sampling noise
+        True
+    """
+    return _squared_norm(
+        critic, real, "real", sigma, draws, scheme, generator, critic_args, critic_kwargs, reduction, return_norms
+    )
+
+
+def approx_r2_penalty(
+    critic: Critic,
+    fake: Inputs,
+    *,
+    sigma: float = 0.01,
+    draws: int = 1,
+    scheme: str = "forward",
+    generator: torch.Generator | None = None,
+    critic_args: Sequence[Any] = (),
+    critic_kwargs: dict[str, Any] | None = None,
+    reduction: str = "mean",
+    return_norms: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""R2 penalty on fake samples estimated by finite differences: :func:`approx_r1_penalty` at ``fake``.
+
+    .. math::
+        \widehat{R}_2 = \mathbb{E}_{x \sim p_g}\Big[\frac{1}{K}\sum_{k=1}^{K}
+            \Big(\frac{D(x + \sigma\varepsilon_k) - D(x)}{\sigma}\Big)^2\Big]
+
+    Estimates :func:`r2_penalty`; ``fake`` is treated as a constant (no gradient reaches the
+    generator). The arguments are those of :func:`approx_r1_penalty`.
+
+    Returns:
+        Tensor or (Tensor, Tensor): as for :func:`approx_r1_penalty`.
+
+    Raises:
+        TypeError: if ``fake`` is not a floating-point tensor or an option has the wrong type.
+        ValueError: as for :func:`approx_r1_penalty`.
+
+    Example::
+
+        >>> critic = lambda x: x.sum(dim=1)  # gradient (1, 1, 1): every draw gives q = eps_1 + eps_2 + eps_3
+        >>> est = gradpen.approx_r2_penalty(critic, torch.zeros(8192, 3), sigma=0.5)
+        >>> abs(est.item() - 3.0) < 0.3  # ||grad||^2 = 3 for any sigma
+        True
+    """
+    return _squared_norm(
+        critic, fake, "fake", sigma, draws, scheme, generator, critic_args, critic_kwargs, reduction, return_norms
+    )
+
+
+def approx_gradient_penalty(
+    critic: Critic,
+    real: Inputs,
+    fake: Inputs,
+    *,
+    alpha: Tensor | None = None,
+    sigma: float = 0.01,
+    draws: int = 1,
+    scheme: str = "forward",
+    generator: torch.Generator | None = None,
+    critic_args: Sequence[Any] = (),
+    critic_kwargs: dict[str, Any] | None = None,
+    reduction: str = "mean",
+    return_norms: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Zero-centred gradient penalty at interpolates, estimated by finite differences.
+
+    .. math::
+        \widehat{\mathcal P} = \mathbb{E}_{\hat x}\Big[\frac{1}{K}\sum_{k=1}^{K}
+            \Big(\frac{D(\hat x + \sigma\varepsilon_k) - D(\hat x)}{\sigma}\Big)^2\Big],
+        \qquad \hat x = \alpha\, x_r + (1-\alpha)\, x_f,\quad \alpha \sim U[0, 1]
+
+    Estimates ``gradient_penalty(critic, real, fake, center=0.0)``: one :math:`\alpha` per sample,
+    drawn before :math:`\varepsilon`, both from ``generator`` when given. Only the zero-centred
+    penalty is offered; :doc:`/approx` says why.
+
+    Args:
+        alpha (Tensor, optional): interpolation weights :math:`(N,)` in :math:`[0, 1]`, used as
+            given. Default: drawn from :math:`U[0, 1]`.
+        generator (torch.Generator, optional): RNG for :math:`\alpha` and :math:`\varepsilon`, on
+            the inputs' device.
+
+    The other arguments are those of :func:`approx_r1_penalty`; ``real`` and ``fake`` are
+    constants with the same shapes.
+
+    Returns:
+        Tensor or (Tensor, Tensor): as for :func:`approx_r1_penalty`.
+
+    Raises:
+        TypeError: if an input is not a floating-point tensor or an option has the wrong type.
+        ValueError: if ``real`` and ``fake`` differ in shape, ``alpha`` is not :math:`(N,)` in
+            :math:`[0, 1]`, or as for :func:`approx_r1_penalty`.
+
+    Example::
+
+        >>> critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1))
+        >>> real, fake = torch.randn(16, 3, 4), torch.randn(16, 3, 4)
+        >>> zc = gradpen.approx_gradient_penalty(critic, real, fake)
+        >>> loss_d = critic(fake).mean() - critic(real).mean() + 10 * zc
+        >>> loss_d.backward()
+    """
+    reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
+    check_pair(reals, fakes)
+    sigma, draws = _settings(sigma, draws, scheme)
+    _check_options(reduction, return_norms)
+    x_hat = _interpolate(reals, fakes, alpha, generator)
+    with _grad_mode(True):
+        est = _estimate(critic, x_hat, sigma, draws, scheme, generator, critic_args, critic_kwargs)
+        return _finish(est, est.detach().sqrt(), reduction, return_norms)
