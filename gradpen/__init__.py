@@ -5,7 +5,7 @@ The public surface is what ``__all__`` lists; every other module is private.
 
 from gradpen._approx import approx_gradient_penalty, approx_r1_penalty, approx_r2_penalty
 from gradpen._args import shared
-from gradpen._module import GradientPenalty
+from gradpen._module import GradientPenalty, lazy_adam_kwargs
 from gradpen._penalty import (
     dragan_penalty,
     gradient_norms,
@@ -30,6 +30,7 @@ __all__ = [
     "gradient_norms_from",
     "gradient_penalty",
     "interpolate",
+    "lazy_adam_kwargs",
     "r1_penalty",
     "r2_penalty",
     "shared",

@@ -149,3 +149,49 @@ class GradientPenalty(nn.Module):
             f"weight={self.weight}, center={self.center}, one_sided={self.one_sided}, "
             f"kind={self.kind!r}, backend={self.backend!r}, every={self.every}"
         )
+
+
+def lazy_adam_kwargs(lr: float, betas: tuple[float, float], every: int) -> dict[str, Any]:
+    r"""Adam's ``lr`` and ``betas`` corrected for lazy regularisation, as StyleGAN2 does.
+
+    With the penalty applied as its own optimizer step once every :math:`k` main steps, the
+    optimizer takes :math:`k + 1` steps where a non-lazy run takes :math:`k`. StyleGAN2
+    (Karras et al., 2020, Appendix B; ``training/training_loop.py`` of StyleGAN2-ADA, where
+    the ratio is called ``mb_ratio``) keeps the per-step dynamics by scaling with
+    :math:`c = k / (k + 1)`:
+
+    .. math::
+        \mathrm{lr}' = c\,\mathrm{lr}, \qquad \beta_1' = \beta_1^{\,c}, \quad \beta_2' = \beta_2^{\,c}
+
+    Use it for the optimizer of the network whose penalty is lazy (the discriminator for R1,
+    the generator for path-length regularisation). ``every=1`` returns the settings unchanged.
+
+    Args:
+        lr (float): the learning rate of the non-lazy schedule, :math:`> 0`.
+        betas (tuple of float): Adam's :math:`(\beta_1, \beta_2)`, each in :math:`[0, 1)`.
+        every (int): the lazy interval :math:`k \ge 1` (StyleGAN2: 16 for R1).
+
+    Returns:
+        dict: ``{"lr": lr', "betas": (beta1', beta2')}``, to pass as ``torch.optim.Adam(params, **kwargs)``.
+
+    Raises:
+        TypeError: if an argument has the wrong type.
+        ValueError: if ``lr <= 0``, a beta is outside :math:`[0, 1)`, or ``every < 1``.
+
+    Example::
+
+        >>> kwargs = gradpen.lazy_adam_kwargs(0.0025, (0.0, 0.99), every=16)  # StyleGAN2's D settings
+        >>> round(kwargs["lr"], 6), [round(b, 6) for b in kwargs["betas"]]
+        (0.002353, [0.0, 0.990589])
+        >>> opt_d = torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), **kwargs)
+    """
+    lr = check_number(lr, "lr", low=0.0, strict=True)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"`betas` must be a pair (beta1, beta2), got {betas!r}.")
+    b1, b2 = (check_number(b, f"betas[{i}]", low=0.0) for i, b in enumerate(betas))
+    for i, b in enumerate((b1, b2)):
+        if b >= 1.0:
+            raise ValueError(f"`betas[{i}]` must be < 1, got {b:g}.")
+    every = check_int(every, "every", low=1)
+    c = every / (every + 1) if every > 1 else 1.0
+    return {"lr": lr * c, "betas": (b1**c, b2**c)}

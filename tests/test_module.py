@@ -162,3 +162,31 @@ def test_compiled_step_compiles_a_bounded_number_of_graphs():
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert compiled_pen.calls == eager.calls == 12
     assert frames <= 6, f"{frames} graphs compiled for 12 calls"
+
+
+@pytest.mark.parametrize("every", [1, 4, 16])
+def test_lazy_adam_kwargs_is_stylegan2s_correction(every):
+    """lr * c and betas ** c with c = k / (k + 1) (StyleGAN2-ADA's mb_ratio); k = 1 changes nothing."""
+    got = gradpen.lazy_adam_kwargs(0.002, (0.0, 0.99), every)
+    c = every / (every + 1) if every > 1 else 1.0
+    assert got == {"lr": 0.002 * c, "betas": (0.0, 0.99**c)}
+    if every == 16:  # StyleGAN2's R1 interval, by hand: 16/17 = 0.941176...
+        assert abs(got["lr"] - 0.0018823529) < 1e-9
+        assert abs(got["betas"][1] - 0.9905854573) < 1e-9
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lr": 0.0}, ValueError, "`lr` must be > 0"),
+        ({"lr": float("nan")}, ValueError, "`lr` must not be NaN"),
+        ({"betas": (0.0, 1.0)}, ValueError, r"`betas\[1\]` must be < 1, got 1"),
+        ({"betas": (-0.1, 0.9)}, ValueError, r"`betas\[0\]` must be >= 0"),
+        ({"betas": 0.9}, TypeError, r"`betas` must be a pair"),
+        ({"every": 0}, ValueError, "`every` must be >= 1"),
+    ],
+)
+def test_lazy_adam_kwargs_errors(kwargs, error, match):
+    """Bad settings of lazy_adam_kwargs name the argument."""
+    with pytest.raises(error, match=match):
+        gradpen.lazy_adam_kwargs(**{"lr": 0.002, "betas": (0.0, 0.99), "every": 4, **kwargs})
