@@ -182,7 +182,7 @@ def lazy_adam_kwargs(lr: float, betas: tuple[float, float], every: int) -> dict[
 
         >>> kwargs = gradpen.lazy_adam_kwargs(0.0025, (0.0, 0.99), every=16)  # StyleGAN2's D settings
         >>> round(kwargs["lr"], 6), [round(b, 6) for b in kwargs["betas"]]
-        (0.002353, [0.0, 0.990589])
+        (0.002353, [0.0, 0.990585])
         >>> opt_d = torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), **kwargs)
     """
     lr = check_number(lr, "lr", low=0.0, strict=True)
