@@ -14,7 +14,11 @@ func        ``vmap(grad(lambda x_i: D(x_i[None]).sum() * s))``    always (each s
 ==========  ====================================================  ==============================
 
 Both give zeros for inputs the critic does not depend on, and both treat per-sample critic
-arguments as constants.
+arguments as constants. Both first run the guards of :mod:`gradpen._guards` (FSDP and static-graph
+DDP are refused before any work), run the critic with ``scaled_dot_product_attention`` on its MATH
+kernel (the only one with a double backward), and refuse, once per critic, a graph holding an op
+without a double backward: ``autograd`` walks the graph of its first backward, ``func`` sends one
+sample through a plain autograd double-backward graph, since its transforms hide the ops.
 """
 
 from __future__ import annotations
@@ -28,7 +32,14 @@ from torch import Tensor, nn
 
 from gradpen._args import CriticCall
 from gradpen._checks import check_critic_output
-from gradpen._guards import batch_coupled_modules
+from gradpen._guards import (
+    batch_coupled_modules,
+    check_exact_critic,
+    check_graph,
+    func_limits,
+    math_attention,
+    probe_graph,
+)
 
 Backend = Callable[..., tuple[Tensor, ...]]
 
@@ -49,9 +60,14 @@ def autograd_grads(
 
     torch.compile's AOTAutograd has no double backward, so under compile (a compiled region, or a
     compiled critic module) this routes to :func:`func_grads`, which gives the same answers.
+
+    Raises:
+        UnsupportedCriticError: for FSDP or static-graph DDP (before any work), or an op without a
+            double backward (after the first backward, the first time this critic is seen).
     """
     if _under_compile(critic):
         return func_grads(critic, inputs, call, seed, create_graph)
+    check_exact_critic(critic)
     coupled = batch_coupled_modules(critic)
     if coupled:
         warnings.warn(
@@ -65,8 +81,12 @@ def autograd_grads(
     n = inputs[0].shape[0]
     leaves = tuple(x.detach().requires_grad_(True) for x in inputs)
     with torch.enable_grad():
-        out = check_critic_output(call(critic, *leaves), n)
-        return input_grads(out, leaves, seed, create_graph)
+        with math_attention():
+            out = check_critic_output(call(critic, *leaves), n)
+        grads = input_grads(out, leaves, seed, create_graph)
+    if create_graph and out.requires_grad:
+        check_graph(critic, out, grads)
+    return grads
 
 
 def input_grads(
@@ -94,7 +114,12 @@ def func_grads(
 
     The per-sample critic arguments are mapped over with the inputs (each sample gets its row);
     shared ones are passed whole. Randomness (dropout) differs per sample.
+
+    Raises:
+        UnsupportedCriticError: for FSDP or static-graph DDP, an op without a double backward (the
+            first time this critic is seen; outside torch.compile), or an op vmap cannot run.
     """
+    check_exact_critic(critic)
     coupled = batch_coupled_modules(critic)
     if coupled:
         raise ValueError(
@@ -111,7 +136,9 @@ def func_grads(
 
     per_sample = torch.func.vmap(torch.func.grad(one_sample), randomness="different")
     inputs = tuple(x.detach() for x in inputs)
-    with torch.enable_grad() if create_graph else torch.no_grad():
+    if create_graph and not _under_compile(critic):
+        probe_graph(critic, inputs, call)
+    with torch.enable_grad() if create_graph else torch.no_grad(), math_attention(), func_limits():
         return per_sample(inputs, call.rows())
 
 

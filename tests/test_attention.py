@@ -1,0 +1,95 @@
+"""Attention critics: every exact path runs scaled_dot_product_attention on its MATH kernel, the only one
+with a double backward, so transformer critics give the per-sample reference's norms and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import gradpen
+from tests import _reference as ref
+
+N, L, E = 4, 5, 8
+
+
+class TransformerCritic(nn.Module):
+    """A stock encoder layer over a sequence, mean-pooled to one score per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(E, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(E, 1)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1)).squeeze(1)
+
+
+class SDPACritic(nn.Module):
+    """One causal self-attention block written with F.scaled_dot_product_attention directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(E, 3 * E), nn.Linear(E, 1)
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (2, E // 2)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+        return self.head(torch.tanh(y)).sum(1).squeeze(1)
+
+
+def _grads(critic):
+    """Parameter gradients, zeros where a parameter does not reach the penalty (a head bias); then cleared."""
+    out = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in critic.parameters()]
+    critic.zero_grad()
+    return out
+
+
+def _data():
+    g = torch.Generator().manual_seed(3)
+    real, fake = (torch.randn(N, L, E, generator=g, dtype=torch.float64) for _ in range(2))
+    return real, fake, torch.rand(N, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["autograd", "func"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("make", [TransformerCritic, SDPACritic], ids=["transformer", "sdpa"])
+def test_attention_critic_matches_reference_loop(make, mode, backend):
+    """WGAN-GP norms, values and parameter .grad equal the one-sample loop run under the MATH kernel."""
+    torch.manual_seed(0)
+    critic = make().double().train(mode == "train")
+    real, fake, alpha = _data()
+
+    gp, norms = gradpen.gradient_penalty(critic, real, fake, alpha=alpha, backend=backend, return_norms=True)
+    gp.backward()
+    got = _grads(critic)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        want_gp, want_norms = ref.wgan_gp(critic, [real], [fake], alpha)
+        want_gp.mean().backward()
+    torch.testing.assert_close(norms, want_norms, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gp, want_gp.mean(), rtol=1e-10, atol=1e-12)
+    for a, b in zip(got, _grads(critic), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["autograd", "func"])
+def test_attention_r1_and_norms_under_a_fused_kernel_choice(backend):
+    """Inside the user's sdpa_kernel(FLASH_ATTENTION), r1_penalty and gradient_norms still use MATH and match."""
+    torch.manual_seed(0)
+    critic = TransformerCritic().double()
+    real = _data()[0]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        r1 = gradpen.r1_penalty(critic, real, backend=backend)
+        norms = gradpen.gradient_norms(critic, real, backend=backend, create_graph=False)
+        r1.backward()
+    got = _grads(critic)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = ref.per_sample_norms(critic, [real])
+        want.square().mean().backward()
+    torch.testing.assert_close(norms, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(r1, want.square().mean(), rtol=1e-10, atol=1e-12)
+    for a, b in zip(got, _grads(critic), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
