@@ -1,0 +1,97 @@
+"""FSDP2 and static-graph DDP with 2 CPU processes (gloo): every exact penalty is refused on every rank,
+before any work, with the gradpen error. (Default DDP is checked against single-process gradients in
+tests/test_ddp.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import gradpen
+
+pytestmark = pytest.mark.slow
+WORLD = 2
+CASES = ["fsdp2", "ddp_static_graph", "ddp_set_static_graph"]
+CALLS = ["gradient_penalty/autograd", "gradient_penalty/func", "r1_penalty/autograd", "gradient_norms/func"]
+
+
+def _critic():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.ELU(), nn.Linear(16, 1))
+
+
+def _wrap(case):
+    critic = _critic()
+    if case == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        fully_shard(critic[0], mesh=mesh)
+        return fully_shard(critic, mesh=mesh)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if case == "ddp_static_graph":
+        return DDP(critic, static_graph=True)
+    ddp = DDP(critic)
+    ddp._set_static_graph()
+    return ddp
+
+
+def _call(name, critic, real, fake):
+    fn, backend = name.split("/")
+    if fn == "gradient_penalty":
+        return gradpen.gradient_penalty(critic, real, fake, backend=backend)
+    if fn == "r1_penalty":
+        return gradpen.r1_penalty(critic, real, backend=backend)
+    return gradpen.gradient_norms(critic, real, backend=backend)
+
+
+def _worker(rank, store_path, out_dir):
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD)
+    real, fake = torch.randn(4, 5), torch.randn(4, 5)
+    seen = {}
+    for case in CASES:
+        critic = _wrap(case)
+        for name in CALLS:
+            try:
+                _call(name, critic, real, fake)
+                seen[f"{case} {name}"] = ["no error", ""]
+            except Exception as e:  # recorded for the test to judge
+                seen[f"{case} {name}"] = [type(e).__name__, str(e)]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(seen, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """What each rank saw for each wrapper and call, from one spawn of 2 processes."""
+    d = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(str(d / "store"), str(d)), nprocs=WORLD, join=True)
+    return [json.loads((d / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_fsdp2_exact_penalties_refused_on_every_rank(outcomes, name):
+    """With fully_shard (FSDP2), every exact penalty raises UnsupportedCriticError naming FSDP, on both ranks."""
+    for seen in outcomes:
+        kind, msg = seen[f"fsdp2 {name}"]
+        assert kind == "UnsupportedCriticError", (kind, msg)
+        assert "FSDP module" in msg and "FSDPSequential" in msg and "approx_gradient_penalty" in msg
+
+
+@pytest.mark.parametrize("case", ["ddp_static_graph", "ddp_set_static_graph"])
+@pytest.mark.parametrize("name", CALLS)
+def test_static_graph_ddp_refused_on_every_rank(outcomes, case, name):
+    """DDP(static_graph=True), or DDP after _set_static_graph(), raises naming static_graph and the fix."""
+    for seen in outcomes:
+        kind, msg = seen[f"{case} {name}"]
+        assert kind == "UnsupportedCriticError", (kind, msg)
+        assert "static_graph=True" in msg and "Build DDP without static_graph" in msg

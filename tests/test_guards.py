@@ -1,0 +1,164 @@
+"""Guards of the exact penalties: ops without a double backward and FSDP are refused with a gradpen
+error that says what to do instead; the check runs once per critic and leaves no trace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+import gradpen
+from gradpen import _guards
+from gradpen._guards import UnsupportedCriticError
+from tests import _reference as ref
+
+BACKENDS = ["autograd", "func"]
+
+
+class OnceSquare(torch.autograd.Function):
+    """x**2 whose backward is @once_differentiable (setup_context style, so torch.func can run it)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class LegacySquare(torch.autograd.Function):
+    """x**2 with a differentiable backward, old style (ctx in forward): torch.func cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class FnCritic(nn.Module):
+    """Linear -> fn -> Linear, or Linear -> tanh -> Linear -> fn when ``last``."""
+
+    def __init__(self, fn, last=False):
+        super().__init__()
+        self.fn, self.last = fn, last
+        self.inp, self.out = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        if self.last:
+            return self.fn(self.out(torch.tanh(self.inp(x)))).squeeze(1)
+        return self.out(self.fn(self.inp(x))).squeeze(1)
+
+
+def _x(n=4):
+    return torch.randn(n, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("last", [False, True], ids=["inner", "last"])
+def test_once_differentiable_critic_is_refused(backend, last):
+    """A critic with an @once_differentiable Function raises the gradpen error naming it, on both backends;
+    as its last op PyTorch itself would drop the second-order terms without an error."""
+    critic = FnCritic(OnceSquare.apply, last).double()
+    with pytest.raises(UnsupportedCriticError, match=r"`OnceSquare`.*once_differentiable.*approx_gradient_penalty"):
+        gradpen.gradient_penalty(critic, _x(), _x(), backend=backend)
+
+
+def test_op_without_derivative_is_refused_with_its_name():
+    """An aten op with no double backward (CPU flash attention, forced here) is named in the gradpen error."""
+
+    def attend(x):
+        q = x.view(x.shape[0], 1, 2, 4)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q)[0].flatten(1)
+
+    critic = FnCritic(attend).double()
+    with pytest.raises(UnsupportedCriticError, match=r"flash_attention_for_cpu_backward is not implemented"):
+        gradpen.r1_penalty(critic, _x())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refusal_is_an_error_before_the_users_backward(backend):
+    """The error comes from the penalty call, is a RuntimeError, and tells the cuDNN RNN remedy."""
+    critic = FnCritic(OnceSquare.apply).double()
+    with pytest.raises(RuntimeError, match=r"cudnn\.flags\(enabled=False\)"):
+        gradpen.gradient_norms(critic, _x(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_norms_without_graph_are_not_refused(backend):
+    """gradient_norms(create_graph=False) needs one backward only: it works and equals the reference loop."""
+    critic = FnCritic(OnceSquare.apply).double()
+    x = _x()
+    norms = gradpen.gradient_norms(critic, x, backend=backend, create_graph=False)
+    torch.testing.assert_close(norms, ref.per_sample_norms(critic, [x], create_graph=False), rtol=1e-12, atol=0)
+
+
+def test_func_backend_failure_is_translated():
+    """An op vmap cannot run (an old-style autograd.Function) gives a gradpen error that points to autograd."""
+    critic = FnCritic(LegacySquare.apply).double()
+    x = _x()
+    with pytest.raises(UnsupportedCriticError, match=r"backend='func' cannot run.*backend='autograd'"):
+        gradpen.gradient_norms(critic, x, backend="func")
+    norms = gradpen.gradient_norms(critic, x, backend="autograd")
+    torch.testing.assert_close(norms, ref.per_sample_norms(critic, [x]), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_graph_is_walked_once_per_critic(backend, monkeypatch):
+    """The graph walk runs on a critic's first exact call only (and again in the other training mode)."""
+    calls = []
+    walk = _guards._graph_problem
+    monkeypatch.setattr(_guards, "_graph_problem", lambda *a: calls.append(1) or walk(*a))
+    critic = FnCritic(torch.tanh).double()
+    for _ in range(3):
+        gradpen.gradient_penalty(critic, _x(), _x(), backend=backend)
+    assert len(calls) == 1
+    critic.eval()
+    gradpen.gradient_penalty(critic, _x(), _x(), backend=backend)
+    assert len(calls) == 2
+
+
+def test_func_probe_leaves_the_rng_alone():
+    """The func backend's one-sample probe draws no random numbers: dropout draws after it are unchanged."""
+    critic = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1)).double()
+    x, y = _x(), _x()
+    draws = []
+    for _ in range(2):  # the probe runs in the first round only
+        torch.manual_seed(7)
+        gp = gradpen.gradient_penalty(critic, x, y, alpha=torch.full((4,), 0.5, dtype=torch.float64), backend="func")
+        draws.append((gp, torch.rand(3)))
+    torch.testing.assert_close(draws[0][0], draws[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(draws[0][1], draws[1][1], rtol=0, atol=0)
+
+
+def test_fsdp1_module_is_refused_before_any_work():
+    """A critic containing a FullyShardedDataParallel (FSDP1) module is refused before its forward runs.
+
+    FSDP1 needs an accelerator to be built, so the module is made without its __init__; the guard
+    looks at the class only. FSDP2 and static-graph DDP run for real in tests/test_fsdp.py."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(wrapped)
+    forwards = []
+    critic = nn.Sequential(nn.Linear(3, 1))
+    critic.add_module("sharded", wrapped)
+    critic.register_forward_pre_hook(lambda *a: forwards.append(1))
+    for backend in BACKENDS:
+        with pytest.raises(UnsupportedCriticError, match=r"FSDP.*`sharded` \(FullyShardedDataParallel\).*approx_r1"):
+            gradpen.gradient_penalty(critic, _x(), _x(), backend=backend)
+    assert forwards == []
