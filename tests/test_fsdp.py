@@ -1,6 +1,6 @@
 """FSDP2 and static-graph DDP with 2 CPU processes (gloo): every exact penalty is refused on every rank,
-before any work, with the gradpen error. (Default DDP is checked against single-process gradients in
-tests/test_ddp.py.)"""
+before any work, with the gradpen error; DDP(find_unused_parameters=True) stays exact. (Default DDP is
+checked the same way in tests/test_ddp.py.) One spawn serves every test here."""
 
 from __future__ import annotations
 
@@ -53,8 +53,29 @@ def _call(name, critic, real, fake):
     return gradpen.gradient_norms(critic, real, backend=backend)
 
 
+def _halves():
+    """A float64 batch of 8 (real, fake, alpha), split into one half per rank."""
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    return list(zip(*(t.chunk(WORLD) for t in [*data, torch.rand(8, generator=g, dtype=torch.float64)]), strict=True))
+
+
+def _gp_step(critic, real, fake, alpha, backend):
+    gp = gradpen.gradient_penalty(critic, real, fake, alpha=alpha, backend=backend)
+    (critic(fake).mean() - critic(real).mean() + 10.0 * gp).backward()
+    return [p.grad.tolist() for p in critic.parameters()]
+
+
 def _worker(rank, store_path, out_dir):
     dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    grads = {"autograd": _gp_step(DDP(_critic().double(), find_unused_parameters=True), *_halves()[rank], "autograd")}
+    try:  # DDP's find_unused_parameters path runs an autograd.Function that torch.func cannot transform
+        _gp_step(DDP(_critic().double(), find_unused_parameters=True), *_halves()[rank], "func")
+        grads["func"] = ["no error", ""]
+    except Exception as e:  # recorded for the test to judge
+        grads["func"] = [type(e).__name__, str(e)]
     real, fake = torch.randn(4, 5), torch.randn(4, 5)
     seen = {}
     for case in CASES:
@@ -66,7 +87,7 @@ def _worker(rank, store_path, out_dir):
             except Exception as e:  # recorded for the test to judge
                 seen[f"{case} {name}"] = [type(e).__name__, str(e)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(seen, f)
+        json.dump({"refusals": seen, "grads": grads}, f)
     dist.destroy_process_group()
 
 
@@ -82,7 +103,7 @@ def outcomes(tmp_path_factory):
 def test_fsdp2_exact_penalties_refused_on_every_rank(outcomes, name):
     """With fully_shard (FSDP2), every exact penalty raises UnsupportedCriticError naming FSDP, on both ranks."""
     for seen in outcomes:
-        kind, msg = seen[f"fsdp2 {name}"]
+        kind, msg = seen["refusals"][f"fsdp2 {name}"]
         assert kind == "UnsupportedCriticError", (kind, msg)
         assert "FSDP module" in msg and "FSDPSequential" in msg and "approx_gradient_penalty" in msg
 
@@ -92,6 +113,25 @@ def test_fsdp2_exact_penalties_refused_on_every_rank(outcomes, name):
 def test_static_graph_ddp_refused_on_every_rank(outcomes, case, name):
     """DDP(static_graph=True), or DDP after _set_static_graph(), raises naming static_graph and the fix."""
     for seen in outcomes:
-        kind, msg = seen[f"{case} {name}"]
+        kind, msg = seen["refusals"][f"{case} {name}"]
         assert kind == "UnsupportedCriticError", (kind, msg)
         assert "static_graph=True" in msg and "Build DDP without static_graph" in msg
+
+
+def test_ddp_find_unused_parameters_matches_average_of_half_batches(outcomes):
+    """With find_unused_parameters=True both ranks hold the mean of the single-process half-batch gradients."""
+    expected = [torch.zeros_like(p, dtype=torch.float64) for p in _critic().parameters()]
+    for half in _halves():
+        for e, g in zip(expected, _gp_step(_critic().double(), *half, "autograd"), strict=True):
+            e += torch.tensor(g, dtype=torch.float64) / WORLD
+    for seen in outcomes:
+        for got, want in zip(seen["grads"]["autograd"], expected, strict=True):
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-12, atol=1e-14)
+
+
+def test_ddp_find_unused_parameters_with_func_is_refused(outcomes):
+    """backend='func' through DDP(find_unused_parameters=True) raises the gradpen error pointing to autograd."""
+    for seen in outcomes:
+        kind, msg = seen["grads"]["func"]
+        assert kind == "UnsupportedCriticError", (kind, msg)
+        assert "backend='func' cannot run" in msg and "backend='autograd'" in msg
