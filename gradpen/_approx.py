@@ -6,12 +6,12 @@ backward cannot (fused attention kernels, FSDP2, ``torch.compile``, custom ops w
 backward). Each one estimates the same per-sample quantity as its exact twin, so the twin's weight
 carries over unchanged:
 
-==========  ==================================================================  ====================
-scheme      per-draw quotient :math:`q`                                         critic evaluations
-==========  ==================================================================  ====================
-forward     :math:`(D(x + \sigma\varepsilon) - D(x)) / \sigma`                  ``1 + draws``
-central     :math:`(D(x + \sigma\varepsilon) - D(x - \sigma\varepsilon)) / 2\sigma`  ``2 * draws``
-==========  ==================================================================  ====================
+==========  ========================================================================  ==================
+scheme      per-draw quotient :math:`q`                                               critic evaluations
+==========  ========================================================================  ==================
+forward     :math:`(D(x + \sigma\varepsilon) - D(x)) / \sigma`                         ``1 + draws``
+central     :math:`(D(x + \sigma\varepsilon) - D(x - \sigma\varepsilon)) / (2\sigma)`   ``2 * draws``
+==========  ========================================================================  ==================
 
 with :math:`\varepsilon \sim \mathcal N(0, I)` per element and the estimate the mean of :math:`q^2`
 over the draws. As :math:`\sigma \to 0`, :math:`q \to \nabla D \cdot \varepsilon`, whose square has
@@ -115,7 +115,8 @@ def _fused(critic: Critic, call: CriticCall, points: list[tuple[Tensor, ...]]) -
     return _scores(call.tiled(k)(critic, *stacked), k * n).view(k, n)
 
 
-def _settings(sigma: Any, draws: Any, scheme: Any) -> tuple[float, int]:
+def _settings(critic: Any, sigma: Any, draws: Any, scheme: Any) -> tuple[float, int]:
+    check_critic(critic)
     sigma = check_number(sigma, "sigma", low=0.0, strict=True)
     draws = check_int(draws, "draws", low=1)
     check_choice(scheme, "scheme", SCHEMES)
@@ -133,7 +134,6 @@ def _estimate(
     critic_kwargs: Any,
 ) -> Tensor:
     """The per-sample estimate ``(N,)`` of the squared input-gradient norm (see the module docstring)."""
-    check_critic(critic)
     first = xs[0]
     check_generator(generator, first)
     call = resolve_critic_args(critic_args, critic_kwargs, first.shape[0])
@@ -187,7 +187,7 @@ def _squared_norm(
     return_norms: Any,
 ) -> Tensor | tuple[Tensor, Tensor]:
     xs = as_inputs(x, name)
-    sigma, draws = _settings(sigma, draws, scheme)
+    sigma, draws = _settings(critic, sigma, draws, scheme)
     _check_options(reduction, return_norms)
     with _grad_mode(True):
         est = _estimate(critic, xs, sigma, draws, scheme, generator, critic_args, critic_kwargs)
@@ -366,7 +366,7 @@ def approx_gradient_penalty(
     """
     reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
     check_pair(reals, fakes)
-    sigma, draws = _settings(sigma, draws, scheme)
+    sigma, draws = _settings(critic, sigma, draws, scheme)
     _check_options(reduction, return_norms)
     x_hat = _interpolate(reals, fakes, alpha, generator)
     with _grad_mode(True):
