@@ -23,11 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +32,9 @@ from torch import nn
 import gradpen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models
+from _timing import machine, peak_mib, time_variants
 
 LAMBDA = 10.0  # the paper's penalty weight
 BLOCK = 16  # updates per timed block: a multiple of every=4 and every=16
@@ -78,44 +76,13 @@ def make_variants(critic, compile_ok: bool):
     return {name: (copy.deepcopy(critic), fn) for name, fn in variants.items()}
 
 
-def run_block(critic, opt, loss_fn, data, device):
-    real, fake = data
-    for _ in range(BLOCK):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(critic, real, fake).backward()
-        opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench(name, critic, shape, batch, device, reps, warmup, compile_ok):
     torch.manual_seed(0)
     critic = critic.to(device)
     data = (torch.randn(batch, *shape, device=device), torch.randn(batch, *shape, device=device))
     variants = make_variants(critic, compile_ok)
-    opts = {v: torch.optim.Adam(c.parameters(), lr=1e-4, betas=(0.0, 0.9)) for v, (c, _) in variants.items()}
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    peak: dict[str, int] = {}
-    order = list(variants)
-    for rep in range(warmup + reps):
-        random.Random(rep).shuffle(order)
-        for v in order:
-            c, fn = variants[v]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            run_block(c, opts[v], fn, data, device)
-            dt = (time.perf_counter() - t0) / BLOCK
-            if rep >= warmup:
-                times[v].append(dt)
-                if device.type == "cuda":
-                    peak[v] = max(peak.get(v, 0), torch.cuda.max_memory_allocated(device))
-    med = {v: statistics.median(t) for v, t in times.items()}
-    rows = []
-    for v in variants:
-        mem = f"{peak[v] / 2**20:.0f}" if v in peak else "n/a"
-        rows.append((name, v, med[v] * 1e3, med[v] / med["recipe"], med[v] / med["floor"], mem))
-    return rows
+    med, peak = time_variants(variants, data, device, reps, warmup, BLOCK)
+    return [(name, v, med[v] * 1e3, med[v] / med["recipe"], med[v] / med["floor"], peak_mib(peak, v)) for v in variants]
 
 
 def main(argv=None):
@@ -159,13 +126,8 @@ def main(argv=None):
         print(f"benchmarking {label} on {device} ...", flush=True)
         rows += bench(label, critic, shape, batch, device, reps, warmup, not args.no_compile)
 
-    machine = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
     lines = [
-        f"Measured on {machine}; torch {torch.__version__}, gradpen {gradpen.__version__}; "
+        f"Measured on {machine(device)}; torch {torch.__version__}, gradpen {gradpen.__version__}; "
         f"median of {reps} interleaved repetitions of {BLOCK} critic updates each, after {warmup} warm-up"
         f"{' (--quick: tiny models, not representative)' if args.quick else ''}.",
         "",
