@@ -248,11 +248,19 @@ def gradient_norms(
             tensor of shape :math:`(N,)`, :math:`(N, 1)` or :math:`(N, \dots)` (then summed per sample).
         inputs (Tensor or tuple of Tensors): batch :math:`(N, *)` or a tuple of batches with the same N.
         backend (str, optional): ``"autograd"`` or ``"func"``; see :doc:`/backends`. Default: ``"autograd"``.
-        critic_args (tuple, optional): extra positional arguments of the critic (labels,
-            conditions); never differentiated. Default: ``()``.
-        critic_kwargs (dict, optional): extra keyword arguments of the critic. Default: ``None``.
-        scaler (torch.amp.GradScaler, optional): scale the output before differentiating and
-            unscale the norms after, as in PyTorch's AMP gradient-penalty recipe. Default: ``None``.
+        critic_args (tuple, optional): extra positional arguments, the critic is called as
+            ``critic(*inputs, *critic_args, **critic_kwargs)``. Every tensor in them (also inside
+            lists, tuples and dicts) is **per-sample**, row :math:`i` going with sample :math:`i`
+            (labels, conditions): its leading dimension must be N, and it is a constant, never
+            differentiated nor interpolated. ``nn.Parameter``\ s, 0-d tensors and tensors wrapped in
+            :func:`gradpen.shared` are **shared** by all samples and keep their gradients. The same on
+            both backends. Default: ``()``.
+        critic_kwargs (dict, optional): extra keyword arguments of the critic, with the same rule.
+            Default: ``None``.
+        scaler (torch.amp.GradScaler, optional): the GradScaler of an fp16 AMP loop. The input
+            gradient is seeded with :math:`\min(S/N, 2^{10})` for the current scale :math:`S`, and the
+            norm divided by the same number: small fp16 gradients do not underflow, the seed never
+            overflows fp16 (:math:`S = 2^{16}` would), and the result is the unscaled one. Default: ``None``.
         create_graph (bool, optional): keep the graph so the norms can be differentiated with
             respect to the critic's parameters. ``False`` for logging only. Default: ``True``.
 
@@ -261,8 +269,9 @@ def gradient_norms(
 
     Raises:
         TypeError: if an argument has the wrong type or the critic returns a non-tensor.
-        ValueError: if the batch is empty, the backend is unknown, or the critic's output has no
-            batch dimension N.
+        ValueError: if the batch is empty, the backend is unknown, a per-sample tensor in
+            ``critic_args`` does not have N rows, or the critic's output has no batch dimension N.
+        RuntimeError: under ``torch.inference_mode()`` with ``create_graph=True``.
 
     Example::
 
@@ -308,7 +317,10 @@ def gradient_norms_from(
         inputs (Tensor or tuple of Tensors): the batch (or batches, for a multi-input critic) the
             critic was called on; they must require grad, so make them leaves before the forward:
             ``x = x.detach().requires_grad_(True)``.
-        scaler (torch.amp.GradScaler, optional): the GradScaler of an fp16 AMP loop. Default: ``None``.
+        scaler (torch.amp.GradScaler, optional): the GradScaler of an fp16 AMP loop. The input
+            gradient is seeded with :math:`\min(S/N, 2^{10})` for the current scale :math:`S`, and the
+            norm divided by the same number: small fp16 gradients do not underflow, the seed never
+            overflows fp16 (:math:`S = 2^{16}` would), and the result is the unscaled one. Default: ``None``.
         create_graph (bool, optional): make the norms differentiable with respect to the critic's
             parameters (for a penalty). ``False`` for logging only. Default: ``True``.
 
@@ -389,11 +401,19 @@ def gradient_penalty(
         alpha (Tensor, optional): interpolation weights :math:`(N,)` in :math:`[0, 1]`, used as
             given. Default: drawn from :math:`U[0, 1]`.
         generator (torch.Generator, optional): RNG for :math:`\alpha`, on the inputs' device.
-        critic_args (tuple, optional): extra positional arguments of the critic, e.g. class labels;
-            never differentiated nor interpolated. Default: ``()``.
-        critic_kwargs (dict, optional): extra keyword arguments of the critic. Default: ``None``.
-        scaler (torch.amp.GradScaler, optional): the GradScaler of an fp16 AMP loop; its scale is
-            applied before differentiation and removed after, so the result is the unscaled penalty.
+        critic_args (tuple, optional): extra positional arguments, the critic is called as
+            ``critic(*inputs, *critic_args, **critic_kwargs)``. Every tensor in them (also inside
+            lists, tuples and dicts) is **per-sample**, row :math:`i` going with sample :math:`i`
+            (labels, conditions): its leading dimension must be N, and it is a constant, never
+            differentiated nor interpolated. ``nn.Parameter``\ s, 0-d tensors and tensors wrapped in
+            :func:`gradpen.shared` are **shared** by all samples and keep their gradients. The same on
+            both backends. Default: ``()``.
+        critic_kwargs (dict, optional): extra keyword arguments of the critic, with the same rule.
+            Default: ``None``.
+        scaler (torch.amp.GradScaler, optional): the GradScaler of an fp16 AMP loop. The input
+            gradient is seeded with :math:`\min(S/N, 2^{10})` for the current scale :math:`S`, and the
+            norm divided by the same number: small fp16 gradients do not underflow, the seed never
+            overflows fp16 (:math:`S = 2^{16}` would), and the result is the unscaled one. Default: ``None``.
         reduction (str, optional): ``"mean"``, ``"sum"`` or ``"none"``. Default: ``"mean"``.
         return_norms (bool, optional): also return the per-sample norms. Default: ``False``.
 
@@ -409,9 +429,12 @@ def gradient_penalty(
 
     Raises:
         TypeError: if an input is not a floating-point tensor, or an option has the wrong type.
-        ValueError: if ``real`` and ``fake`` differ in shape, the batch is empty, ``center < 0``,
-            ``alpha`` is not :math:`(N,)` in :math:`[0, 1]`, the backend or reduction is unknown, or
-            the critic's output has no batch dimension N.
+        ValueError: if ``real`` and ``fake`` differ in shape, the batch is empty, ``center`` is
+            negative or not finite, ``alpha`` is not :math:`(N,)` in :math:`[0, 1]`, the backend or
+            reduction is unknown, a per-sample tensor in ``critic_args`` does not have N rows, or the
+            critic's output has no batch dimension N.
+        RuntimeError: under ``torch.inference_mode()``, where no differentiable result can be
+            built (under ``torch.no_grad()`` the penalty is still differentiable).
 
     Warns:
         UserWarning: with ``backend="autograd"``, if the critic has BatchNorm in training mode.
