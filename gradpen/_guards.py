@@ -89,13 +89,12 @@ def check_exact_critic(critic: Any) -> None:
     """
     fsdp, ddp = _wrapper_classes()
     for module in critic_modules(critic):
-        for name, m in module.named_modules():
-            where = f"`{name}` ({type(m).__name__})" if name else type(m).__name__
+        for m in module.modules():
             if isinstance(m, fsdp):
                 raise UnsupportedCriticError(
                     f"An exact gradient penalty cannot run through FSDP: the critic contains the FSDP module "
-                    f"{where}. The penalty differentiates the critic twice, and the second backward through "
-                    "FSDP's parameter hooks crashes (FSDP2: 'setStorage ... storage of size 0', pytorch "
+                    f"{_where(module, m)}. The penalty differentiates the critic twice, and the second backward "
+                    "through FSDP's parameter hooks crashes (FSDP2: 'setStorage ... storage of size 0', pytorch "
                     "issue 172543) or, with reshard_after_backward=False, gives wrong or missing gradients "
                     f"without an error. {INSTEAD}, computed in FSDP's ordinary forward and backward; or "
                     "DistributedDataParallel, which the exact penalties support."
@@ -103,11 +102,17 @@ def check_exact_critic(critic: Any) -> None:
             if isinstance(m, ddp) and m.static_graph:
                 raise UnsupportedCriticError(
                     f"An exact gradient penalty cannot run through DistributedDataParallel with "
-                    f"static_graph=True ({where}): DDP's static-graph mode never all-reduces the gradients "
-                    "of the penalty's double backward, so each rank keeps its own gradients, without an "
-                    "error. Build DDP without static_graph (the default, or find_unused_parameters=True; "
+                    f"static_graph=True ({_where(module, m)}): DDP's static-graph mode never all-reduces the "
+                    "gradients of the penalty's double backward, so each rank keeps its own gradients, without "
+                    "an error. Build DDP without static_graph (the default, or find_unused_parameters=True; "
                     f"both supported), and do not call _set_static_graph(). {INSTEAD}."
                 )
+
+
+def _where(root: nn.Module, m: nn.Module) -> str:
+    """``m`` named by its path in ``root``, for an error message."""
+    name = next(n for n, x in root.named_modules() if x is m)
+    return f"`{name}` ({type(m).__name__})" if name else type(m).__name__
 
 
 # --- attention: the SDPA MATH kernel ---------------------------------------------------------
