@@ -198,12 +198,49 @@ class DigitsCritic(nn.Module):
         return self.body(x).squeeze(1)
 
 
+class MLPGenerator(nn.Module):
+    """z -> 4d -> 4d -> C*S*S, BatchNorm and ReLU between, tanh out: for the 8x8 digits at their own size."""
+
+    def __init__(self, dim: int = 64, image_size: int = 8, channels: int = 1):
+        super().__init__()
+        if image_size not in (8, 16):
+            raise ValueError(f"image_size must be 8 or 16 for the mlp networks, got {image_size}")
+        self.shape = (channels, image_size, image_size)
+        h = 4 * dim
+        self.body = nn.Sequential(
+            nn.Linear(Z_DIM, h), nn.BatchNorm1d(h), nn.ReLU(),
+            nn.Linear(h, h), nn.BatchNorm1d(h), nn.ReLU(),
+            nn.Linear(h, math.prod(self.shape)), nn.Tanh(),
+        )  # fmt: skip
+
+    def forward(self, z):
+        return self.body(z).view(-1, *self.shape)
+
+
+class MLPCritic(nn.Module):
+    """C*S*S -> 4d -> 4d -> 1 with LeakyReLU(0.2), no normalisation."""
+
+    def __init__(self, dim: int = 64, image_size: int = 8, channels: int = 1):
+        super().__init__()
+        if image_size not in (8, 16):
+            raise ValueError(f"image_size must be 8 or 16 for the mlp networks, got {image_size}")
+        h = 4 * dim
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * image_size**2, h), nn.LeakyReLU(0.2),
+            nn.Linear(h, h), nn.LeakyReLU(0.2), nn.Linear(h, 1),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return self.body(x).squeeze(1)
+
+
 ARCHS = {
     "resnet": (ResNetGenerator, ResNetCritic),
     "dcgan": (DCGANGenerator, DCGANCritic),
     "digits": (DigitsGenerator, DigitsCritic),
+    "mlp": (MLPGenerator, MLPCritic),
 }
-IMAGE_SIZES = {"resnet": (32, 64), "dcgan": (32, 64), "digits": (16, 32)}  # what each pair supports
+IMAGE_SIZES = {"resnet": (32, 64), "dcgan": (32, 64), "digits": (16, 32), "mlp": (8, 16)}  # what each pair supports
 
 
 def build(arch: str, dim: int, image_size: int, channels: int) -> tuple[nn.Module, nn.Module]:

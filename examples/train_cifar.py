@@ -1,20 +1,21 @@
 r"""WGAN-GP image trainer built on gradpen (Gulrajani et al., "Improved Training of Wasserstein GANs", 2017).
 
-Quick offline run on 2 CPU cores (scikit-learn's bundled digits, about 10 minutes):
+Offline on a CPU (scikit-learn's bundled 8x8 digits; about 8 minutes on 2 cores, scored at the end):
 
-    python examples/train_cifar.py --dataset digits --arch dcgan --dim 32 --iters 2000 \
-        --sample-every 500 --out runs/digits
+    python examples/train_cifar.py --dataset digits
 
 The paper's CIFAR-10 ResNet run (unsupervised, IS 7.86 in the paper) on one GPU:
 
-    python examples/train_cifar.py --dataset cifar10 --data-dir data --out runs/cifar --eval-every 5000
+    python examples/train_cifar.py --dataset cifar10 --data-dir data --eval-every 5000
 
 Several GPUs (the batch is global, split across ranks; only rank 0 logs and checkpoints):
 
-    torchrun --standalone --nproc_per_node=4 examples/train_cifar.py --dataset cifar10 --data-dir data --out runs/cifar
+    torchrun --standalone --nproc_per_node=4 examples/train_cifar.py --dataset cifar10 --data-dir data
 
-Continue an interrupted run with the same command plus ``--resume``. Samples, ``metrics.jsonl`` and
-``checkpoint.pt`` go to ``--out``; ``examples/generate.py`` turns a checkpoint into an ``.npz`` of images.
+Continue an interrupted run with ``--resume`` (the checkpoint's config is used; flags that would change
+the run are refused, except ``--iters`` and ``--lr``, which are applied and recorded). Samples,
+``metrics.jsonl`` and ``checkpoint.pt`` go to ``--out`` (default ``runs/DATASET``);
+``examples/generate.py`` turns a checkpoint into an ``.npz`` of images.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
+import pickle
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,19 +45,51 @@ import gradpen
 
 # ----------------------------------------------------------------------------- defaults, with their sources
 # Paper = Gulrajani et al. 2017; resnet = gan_cifar_resnet.py, dcgan = gan_cifar.py of the official code.
+# These are the defaults of --dataset cifar10 and folder.
 DEFAULTS = {
     "arch": "resnet",  # the paper's best unsupervised CIFAR-10 model (Table 3)
+    "image_size": 32,  # CIFAR-10
     "dim": 128,  # DIM_G = DIM_D = 128 (resnet)
     "batch_size": 64,  # critic batch (paper, Alg. 1 / Appendix F); the generator step uses 2x (GEN_BS_MULTIPLE)
     "n_critic": 5,  # critic steps per generator step (paper, Alg. 1)
     "gp_weight": 10.0,  # lambda (paper, Sec. 4 and Alg. 1)
     "iters": 100_000,  # generator steps (resnet: ITERS)
-    "lr": {"resnet": 2e-4, "dcgan": 1e-4},  # resnet LR = 2e-4; dcgan 1e-4
-    "betas": {"resnet": (0.0, 0.9), "dcgan": (0.5, 0.9)},  # Adam betas of each script
-    "decay": {"resnet": True, "dcgan": False},  # resnet decays the LR linearly to 0 over ITERS; dcgan does not
+    # resnet LR = 2e-4; dcgan 1e-4. digits (not the paper's): 2x dcgan's, to get far in few steps; stable at lambda 10
+    "lr": {"resnet": 2e-4, "dcgan": 1e-4, "digits": 2e-4, "mlp": 2e-4},
+    "betas": {"resnet": (0.0, 0.9), "dcgan": (0.5, 0.9), "digits": (0.5, 0.9), "mlp": (0.5, 0.9)},
+    "decay": {
+        "resnet": True,
+        "dcgan": False,
+        "digits": False,
+        "mlp": False,
+    },  # resnet: linear to 0 over ITERS; dcgan: none
+    "ema": 0.0,  # the paper samples from the raw generator
+    "sample_every": 1000,
+    "eval_samples": 50_000,  # 50k samples for IS/FID (paper)
+}
+# --dataset digits: scikit-learn's 1797 8x8 digits, for a run that gives clear digits in minutes on 2 CPU cores.
+# The loss (WGAN-GP, lambda 10, 5 critic steps, batch 64) stays the paper's; what changes is the scale.
+DIGITS = {
+    "arch": "digits",  # a small DCGAN pair for 8x8 content (models.DigitsGenerator/Critic): 2.5x fewer FLOPs than dcgan
+    "image_size": 16,  # 2x the digits' 8x8: smooth strokes at 1/4 the pixels (and cost) of 32x32
+    "dim": 32,  # widths 128-64-32: enough for 10 classes of 8x8 strokes
+    "iters": 2000,  # ~about 8 minutes of training on 2 quiet CPU cores; quality measured in README / docs
+    "ema": 0.995,  # samples and eval from an EMA of G (half-life ~140 steps): removes the step-to-step jitter
+    "sample_every": 500,
+    "eval_samples": 1000,  # the digits score uses 1000 samples
 }
 PENALTIES = ["wgan-gp", "r1", "r2", "dragan", "wgan-div"]  # the kinds of gradpen.GradientPenalty
-EVAL_SAMPLES = {"digits": 2000, "cifar10": 50_000, "folder": 10_000}  # 50k for IS/FID on CIFAR-10 (paper)
+# Flags that steer a run without changing what it computes: free to differ on --resume.
+RUN_CONTROL = {"out", "resume", "stop_at", "log_every", "sample_every", "ckpt_every", "eval_every", "eval_samples",
+               "inception_weights", "workers", "device", "data_dir", "compile"}  # fmt: skip
+APPLIED_ON_RESUME = {"iters", "lr"}  # flags a resumed run applies explicitly (and records in the checkpoint)
+SEED_MAX = 2**32 - 1
+
+
+def fail(message: str, code: int = 1):
+    """Exit with one line on stderr (status 2 for bad flags, as argparse does)."""
+    print(f"train_cifar.py: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -63,19 +99,27 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser(explicit_only: bool = False) -> OneLineParser:
+    """The flags; with ``explicit_only`` no defaults, so parsing tells which flags were given."""
     p = OneLineParser(prog="train_cifar.py", description="WGAN-GP image trainer built on gradpen.")
-    a = p.add_argument
+
+    def a(*flags, default=None, **kw):
+        if explicit_only:
+            kw["default"] = argparse.SUPPRESS
+        elif kw.get("action") != "store_true":
+            kw["default"] = default
+        p.add_argument(*flags, **kw)
+
     a("--dataset", choices=["cifar10", "folder", "digits"], default="cifar10", help="training images")
-    a("--data-dir", default=None, help="CIFAR-10 root (downloaded there if online) or the image folder")
-    a("--image-size", type=int, default=32, help="32 (default) or 64 (folder datasets)")
-    a("--arch", choices=sorted(models.ARCHS), default=DEFAULTS["arch"])
-    a("--dim", type=int, default=DEFAULTS["dim"], help="network width")
+    a("--data-dir", help="CIFAR-10 root (downloaded there if online) or the image folder")
+    a("--image-size", type=int, help="32 (default) or 64; 16 (default) or 32 for --arch digits")
+    a("--arch", choices=sorted(models.ARCHS), help="default: resnet; digits for --dataset digits")
+    a("--dim", type=int, help="network width (default: 128; 32 for --dataset digits)")
     a("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global critic batch")
     a("--n-critic", type=int, default=DEFAULTS["n_critic"])
-    a("--iters", type=int, default=DEFAULTS["iters"], help="generator steps; the LR decay runs over these")
-    a("--lr", type=float, default=None, help="Adam LR (default: 2e-4 resnet, 1e-4 dcgan)")
-    a("--beta1", type=float, default=None, help="Adam beta1 (default: 0 resnet, 0.5 dcgan); beta2 is 0.9")
+    a("--iters", type=int, help="generator steps; the LR decay runs over these (default: 100000)")
+    a("--lr", type=float, help="Adam LR (default: 2e-4 resnet and digits, 1e-4 dcgan)")
+    a("--beta1", type=float, help="Adam beta1 (default: 0 resnet, 0.5 dcgan and digits); beta2 is 0.9")
     a("--lr-decay", choices=["auto", "linear", "none"], default="auto", help="auto: linear for resnet")
     a("--penalty", choices=PENALTIES, default="wgan-gp", help="gradpen penalty kind (GradientPenalty(kind=...))")
     a("--gp-weight", type=float, default=DEFAULTS["gp_weight"], help="penalty weight lambda")
@@ -84,44 +128,81 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--one-sided", action="store_true", help="one-sided penalty max(0, |g| - center)^2 (Petzka et al.)")
     a("--backend", choices=["autograd", "func"], default="autograd", help="gradpen backend")
     a("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast; fp16 adds a GradScaler")
-    a("--ema", type=float, default=0.0, help="EMA decay of the generator for samples/eval (0: off), e.g. 0.999")
+    a("--ema", type=float, help="EMA decay of the generator for samples/eval (0: off; default 0, digits 0.995)")
     a("--compile", action="store_true", help="torch.compile both networks (the penalty then uses torch.func)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help=f"0 to {SEED_MAX}")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    a("--out", default="runs/wgan-gp", help="output directory")
+    a("--out", help="output directory (default: runs/DATASET)")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    a("--stop-at", type=int, default=None, help="checkpoint and exit at this generator step (job time limits)")
+    a("--stop-at", type=int, help="checkpoint and exit at this generator step (job time limits)")
     a("--log-every", type=int, default=100, help="generator steps between log lines")
-    a("--sample-every", type=int, default=1000, help="generator steps between sample grids")
+    a("--sample-every", type=int, help="generator steps between sample grids (default: 1000; digits 500)")
     a("--ckpt-every", type=int, default=1000, help="generator steps between checkpoints")
     a("--eval-every", type=int, default=0, help="generator steps between evaluations (0: only at the end)")
-    a("--eval-samples", type=int, default=None, help="samples per evaluation (default: 2000 digits, 50000 cifar10)")
-    a("--inception-weights", default=None, help="local Inception weights file for torch-fidelity (offline)")
+    a("--eval-samples", type=int, help="samples per evaluation (default: 50000; digits 1000)")
+    a("--inception-weights", help="local Inception weights file for torch-fidelity (offline)")
     a("--workers", type=int, default=0, help="CPU threads for decoding a folder dataset (0: main thread)")
-    args = p.parse_args(argv)
+    return p
 
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The resolved flags: explicit values, else the dataset's defaults, else the paper's.
+
+    ``args.explicit`` is the set of flags given on the command line (``--resume`` needs it).
+    """
+    p = _parser()
+    args = p.parse_args(argv)
+    args.explicit = set(vars(_parser(explicit_only=True).parse_args(argv)))
+    table = {**DEFAULTS, **DIGITS} if args.dataset == "digits" else DEFAULTS
+    for name in ("arch", "dim", "iters", "ema", "sample_every", "eval_samples"):
+        if getattr(args, name) is None:
+            setattr(args, name, table[name])
+    if args.image_size is None:  # digits' 16 needs the digits networks; the others start at 32
+        sizes = models.IMAGE_SIZES.get(args.arch, ())
+        args.image_size = table["image_size"] if table["image_size"] in sizes else DEFAULTS["image_size"]
+    if args.lr is None:
+        args.lr = DEFAULTS["lr"][args.arch]
+    if args.beta1 is None:
+        args.beta1 = DEFAULTS["betas"][args.arch][0]
+    if args.lr_decay == "auto":
+        args.lr_decay = "linear" if DEFAULTS["decay"][args.arch] else "none"
+    args.out = args.out or f"runs/{args.dataset}"
+    check_args(p, args)
+    return args
+
+
+def check_args(p: OneLineParser, args: argparse.Namespace):
+    """Every flag in range, or one line naming it (exit status 2)."""
     positive = ["dim", "batch_size", "n_critic", "iters", "gp_every", "log_every", "sample_every", "ckpt_every"]
     for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("lr", "gp_weight", "center", "ema", "beta1"):
+        if not math.isfinite(getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     for name in ("gp_weight", "center", "eval_every", "workers"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.image_size not in (32, 64):
-        p.error(f"--image-size must be 32 or 64, got {args.image_size}")
+    if args.batch_size < 2:
+        p.error(f"--batch-size must be >= 2 (the generator has BatchNorm), got {args.batch_size}")
+    if not 0 <= args.seed <= SEED_MAX:
+        p.error(f"--seed must be in [0, {SEED_MAX}], got {args.seed}")
+    sizes = models.IMAGE_SIZES[args.arch]
+    if args.image_size not in sizes:
+        p.error(f"--image-size must be {' or '.join(map(str, sizes))} for --arch {args.arch}, got {args.image_size}")
     if not 0.0 <= args.ema < 1.0:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
-    if args.lr is not None and args.lr <= 0:
+    if args.lr <= 0:
         p.error(f"--lr must be > 0, got {args.lr}")
-    if args.beta1 is not None and not 0.0 <= args.beta1 < 1.0:
+    if not 0.0 <= args.beta1 < 1.0:
         p.error(f"--beta1 must be in [0, 1), got {args.beta1}")
     if args.dataset == "folder" and not args.data_dir:
         p.error("--data-dir is required with --dataset folder")
     if args.dataset == "folder" and args.data_dir and not Path(args.data_dir).is_dir():
         p.error(f"--data-dir {args.data_dir!r} is not a directory")
-    if args.stop_at is not None and not 1 <= args.stop_at <= args.iters:
+    if args.stop_at is not None and (args.stop_at < 1 or (not args.resume and args.stop_at > args.iters)):
         p.error(f"--stop-at must be in [1, --iters={args.iters}], got {args.stop_at}")
-    if args.eval_samples is not None and args.eval_samples < 10:
+    if args.eval_samples < 10:
         p.error(f"--eval-samples must be >= 10, got {args.eval_samples}")
     if args.penalty in ("r1", "r2", "wgan-div") and (args.one_sided or args.center != 1.0):
         p.error(f"--center/--one-sided do not apply to --penalty {args.penalty}")
@@ -129,13 +210,83 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--inception-weights {args.inception_weights!r} is not a file")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine")
-    if args.amp == "fp16" and not (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())):
-        p.error("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
-    args.lr = args.lr if args.lr is not None else DEFAULTS["lr"][args.arch]
-    args.beta1 = args.beta1 if args.beta1 is not None else DEFAULTS["betas"][args.arch][0]
-    args.lr_decay = ("linear" if DEFAULTS["decay"][args.arch] else "none") if args.lr_decay == "auto" else args.lr_decay
-    args.eval_samples = args.eval_samples or EVAL_SAMPLES[args.dataset]
-    return args
+
+
+def read_checkpoint(path: Path, prog: str = "train_cifar.py") -> dict:
+    """``torch.load(path, weights_only=True)``, or one line naming the file and what is wrong with it."""
+    err = lambda why: SystemExit(f"{prog}: error: cannot read checkpoint {str(path)!r}: {why}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise err("the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol ..." on foreign pickles
+            ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except pickle.UnpicklingError as e:
+        bad = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), None)
+        why = f"it holds objects other than tensors and plain data ({bad}), which are never loaded" if bad else (
+            "it is corrupt or not a PyTorch checkpoint")  # fmt: skip
+        raise err(why) from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        raise err(f"it is truncated, corrupt or not a PyTorch checkpoint ({type(e).__name__})") from None
+    needed = ("config", "generator", "critic", "channels", "iter")
+    if not isinstance(ck, dict) or any(k not in ck for k in needed):
+        raise err(f"it is not a train_cifar.py checkpoint (expected the keys {', '.join(needed)})")
+    if not isinstance(ck["config"], dict) or any(k not in ck["config"] for k in ("arch", "dim", "image_size")):
+        raise err("its config has no arch, dim and image_size")
+    return ck
+
+
+def load_weights(module: nn.Module, state: dict, what: str, path: Path, config: dict, prog: str = "train_cifar.py"):
+    """``load_state_dict``, or one line naming the checkpoint and the first mismatching tensor."""
+    mine = module.state_dict()
+    for k, v in state.items():
+        if k in mine and isinstance(v, torch.Tensor) and v.shape != mine[k].shape:
+            net = f"--arch {config['arch']} --dim {config['dim']} --image-size {config['image_size']}"
+            raise SystemExit(
+                f"{prog}: error: checkpoint {str(path)!r} does not fit {net}: its {what} {k} has shape "
+                f"{tuple(v.shape)}, the network {tuple(mine[k].shape)}"
+            )
+    missing, unexpected = set(mine) - set(state), set(state) - set(mine)
+    if missing or unexpected:
+        first = sorted(missing or unexpected)[0]
+        raise SystemExit(
+            f"{prog}: error: checkpoint {str(path)!r} does not fit --arch {config['arch']}: its {what} "
+            f"{'lacks' if missing else 'has an unknown'} {first} ({len(missing)} missing, {len(unexpected)} unknown)"
+        )
+    module.load_state_dict(state)
+
+
+def merge_resume_config(args: argparse.Namespace, ck: dict, path: Path) -> tuple[argparse.Namespace, list]:
+    """The checkpoint's config, with the run-control flags given now and ``--iters``/``--lr`` applied.
+
+    Any other flag given now that differs from the checkpoint is refused with one line naming the
+    flags and both values. Returns the merged config and the list of applied changes.
+    """
+    saved = ck["config"]
+    merged = argparse.Namespace(**saved)
+    differ, applied = [], []
+    for name in sorted(args.explicit):
+        new, old = getattr(args, name), saved.get(name)
+        if name in RUN_CONTROL or name == "explicit":
+            setattr(merged, name, new)
+        elif new != old and name in APPLIED_ON_RESUME:
+            applied.append({"iter": ck["iter"], "flag": f"--{name.replace('_', '-')}", "old": old, "new": new})
+            setattr(merged, name, new)
+        elif new != old:
+            differ.append(f"--{name.replace('_', '-')} {new} (checkpoint: {old})")
+    if differ:
+        fail(
+            f"--resume: {', '.join(differ)} differ from the checkpoint {str(path)!r}; drop them to continue "
+            "that run, or start a new one with another --out",
+            code=2,
+        )
+    merged.resume, merged.explicit = True, args.explicit
+    merged.stop_at = args.stop_at if "stop_at" in args.explicit else None
+    if merged.stop_at is not None and merged.stop_at <= ck["iter"]:
+        fail(f"--stop-at {merged.stop_at} is not after the checkpoint's step {ck['iter']} ({str(path)!r})", code=2)
+    if merged.stop_at is not None and merged.stop_at > merged.iters:
+        fail(f"--stop-at must be in [1, --iters={merged.iters}], got {merged.stop_at}", code=2)
+    return merged, applied
 
 
 # ----------------------------------------------------------------------------- data: uint8 images in memory
@@ -166,23 +317,56 @@ def load_images(args) -> torch.Tensor:
     return load_folder(Path(args.data_dir), args.image_size, args.workers)
 
 
-def load_folder(root: Path, size: int, workers: int) -> torch.Tensor:
-    from concurrent.futures import ThreadPoolExecutor
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
+
+def warn(message: str):
+    print(f"train_cifar.py: warning: {message}", file=sys.stderr)
+
+
+def decode_image(path: Path, size: int) -> torch.Tensor:
+    """One image file -> uint8 (3, size, size): resized (short side) and center-cropped; 16-bit scaled to 8."""
+    import numpy as np
     from PIL import Image
     from torchvision.transforms import functional as TF
 
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: scale 0..65535 to 0..255
+            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
+        im = TF.center_crop(TF.resize(im.convert("RGB"), size), size)
+        return TF.pil_to_tensor(im)
+
+
+def load_folder(root: Path, size: int, workers: int) -> torch.Tensor:
+    """Every image under ``root``; unreadable files and macOS ``._*`` resource forks are skipped with a warning."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = []
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if not p.is_file():
+            warn(f"skipping {str(p)!r}: not a file")
+        elif p.name.startswith("._"):
+            warn(f"skipping {str(p)!r}: a macOS resource fork (._ file), not an image")
+        else:
+            files.append(p)
     if not files:
         raise SystemExit(f"train_cifar.py: error: --data-dir {str(root)!r} holds no .png/.jpg/.jpeg/.bmp/.webp images")
 
     def decode(path):
-        with Image.open(path) as im:
-            im = TF.center_crop(TF.resize(im.convert("RGB"), size), size)
-            return TF.pil_to_tensor(im)
+        try:
+            return decode_image(path, size)
+        except Exception as e:  # PIL.UnidentifiedImageError, OSError (truncated), ...
+            warn(f"skipping {str(path)!r}: cannot decode it ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+            return None
 
     with ThreadPoolExecutor(max(workers, 1)) as pool:
-        return torch.stack(list(pool.map(decode, files)))
+        images = [x for x in pool.map(decode, files) if x is not None]
+    if not images:
+        raise SystemExit(f"train_cifar.py: error: no image under --data-dir {str(root)!r} could be decoded")
+    return torch.stack(images)
 
 
 class ShardedBatches:
@@ -225,23 +409,42 @@ def setup_distributed(args):
 
 
 def save_atomic(obj, path: Path):
-    """Write to a temporary file in the same directory, fsync, then os.replace: never a half-written file."""
+    """Write to a temporary file in the same directory, fsync, then os.replace: never a half-written file.
+
+    On failure (a full disk, ...) the temporary file is removed, the previous file is kept, and the
+    run stops with one line naming the file and the cause.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        cause = e.strerror or str(e) or type(e).__name__
+        raise SystemExit(
+            f"train_cifar.py: error: could not write {str(path)!r}: {cause}; the previous file is kept"
+        ) from None
 
 
-def drop_metrics_after(path: Path, it: int):
-    """On resume, forget log lines written after the checkpoint, so the file reads as one clean run."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines(keepends=True) if ln.strip() and json.loads(ln)["iter"] <= it]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+def read_metrics(path: Path, upto: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` up to generator step ``upto``; a half-written line is dropped with a warning."""
+    keep = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            it = int(rec["iter"])
+        except (ValueError, KeyError, TypeError):
+            warn(f"dropping line {n} of {str(path)!r}: not a complete JSON record (an interrupted write?)")
+            continue
+        if it <= upto:
+            keep.append(line + "\n")
+    return keep
 
 
 def rng_state(device):
@@ -266,21 +469,34 @@ def to_unit(x_uint8: torch.Tensor, device) -> torch.Tensor:
     return x_uint8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
 
 
+LOG_KEYS = ["loss_d", "wasserstein", "gp", "grad_norm", "loss_g"]  # the sums kept for a log line
+FP16_OVERFLOW_STREAK = 50  # fp16: this many non-finite critic steps in a row is a divergence, not an overflow
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
-    if args.batch_size % world:
-        raise SystemExit(f"train_cifar.py: error: --batch-size {args.batch_size} is not divisible by {world} ranks")
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
+    if not args.resume and ckpt_path.exists():
+        fail(f"{ckpt_path} exists; pass --resume to continue it or pick another --out", code=2)
+    if args.resume and not ckpt_path.exists():
+        fail(f"--resume given but {ckpt_path} does not exist", code=2)
+    ck, applied = None, []
+    if args.resume:
+        ck = read_checkpoint(ckpt_path)
+        args, applied = merge_resume_config(args, ck, ckpt_path)
+        applied = ck.get("applied", []) + applied
+        if ck["world"] != world:
+            fail(f"the checkpoint was written by {ck['world']} rank(s), not {world}")
+        if ck["iter"] >= args.iters:
+            if rank == 0:
+                print(f"{ckpt_path} is already at generator step {ck['iter']} of --iters {args.iters}: nothing to do")
+            return
+    if args.batch_size % world or args.batch_size // world < 2:
+        fail(f"--batch-size {args.batch_size} must split into >= 2 samples on each of {world} ranks", code=2)
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
-    if not args.resume and ckpt_path.exists():
-        raise SystemExit(
-            f"train_cifar.py: error: {ckpt_path} exists; pass --resume to continue it or pick another --out"
-        )
-    if args.resume and not ckpt_path.exists():
-        raise SystemExit(f"train_cifar.py: error: --resume given but {ckpt_path} does not exist")
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
     images = load_images(args)
@@ -301,29 +517,48 @@ def main(argv=None):
     fixed_z = torch.randn(100, models.Z_DIM, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     start, consumed = 0, 0
-    if args.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain data only
-        gen.load_state_dict(ck["generator"])
-        critic.load_state_dict(ck["critic"])
+    acc = torch.zeros(len(LOG_KEYS), device=device, dtype=torch.float64)  # sums for the log line, synced when logging
+    acc_n = torch.zeros(4, device=device, dtype=torch.float64)  # finite G steps, D steps, D steps with penalty; G steps
+    if ck is not None:
+        if ck.get("images") not in (None, len(images)):
+            fail(f"the dataset has {len(images)} images; the checkpoint {str(ckpt_path)!r} trained on {ck['images']}")
+        load_weights(gen, ck["generator"], "generator", ckpt_path, ck["config"])
+        load_weights(critic, ck["critic"], "critic", ckpt_path, ck["config"])
         if ema is not None:
-            ema.load_state_dict(ck["ema"])
+            load_weights(ema, ck["ema"], "EMA generator", ckpt_path, ck["config"])
         for obj, key in [(opt_g, "opt_g"), (opt_d, "opt_d"), (sched_g, "sched_g"), (sched_d, "sched_d"),
                          (penalty, "penalty"), (scaler, "scaler")]:  # fmt: skip
             obj.load_state_dict(ck[key])
-        if ck["world"] != world:
-            raise SystemExit(f"train_cifar.py: error: the checkpoint was written by {ck['world']} rank(s), not {world}")
+        for change in applied:
+            if change["iter"] == ck["iter"] and change["flag"] == "--lr":  # applied now: restart the decay from it
+                for sched in (sched_g, sched_d):
+                    sched.base_lrs = [args.lr for _ in sched.base_lrs]
+                    for group in sched.optimizer.param_groups:
+                        group["initial_lr"], group["lr"] = args.lr, args.lr * decay(ck["iter"])
         start, consumed = ck["iter"], ck["batches"][rank]
+        if "log" in ck:
+            acc.copy_(ck["log"]["acc"][rank])
+            acc_n.copy_(ck["log"]["n"][rank])
         set_rng_state(ck["rng"][rank], device)
         if rank == 0:
             print(f"resumed from {ckpt_path} at generator step {start}")
+            for change in applied:
+                if change["iter"] == start:
+                    print(f"applied {change['flag']} {change['new']} (the checkpoint had {change['old']})")
     else:
         torch.manual_seed(args.seed + rank)  # different noise and alpha on every rank
 
     per_rank = args.batch_size // world
     if device.type == "cuda":
         images = images.to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the GPU
-    if rank == 0 and args.resume:
-        drop_metrics_after(out / "metrics.jsonl", start)
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:  # one clean log: a resumed run drops lines after the checkpoint, a fresh run starts anew
+        old = read_metrics(metrics_path, start) if args.resume and metrics_path.exists() else []
+        if not args.resume and metrics_path.exists() and metrics_path.stat().st_size:
+            warn(f"{str(metrics_path)!r} of an earlier run without a checkpoint is started anew")
+        tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+        tmp.write_text("".join(old))
+        os.replace(tmp, metrics_path)
     batches = ShardedBatches(len(images), per_rank, args.seed, rank, world, consumed)
     flip = args.dataset != "digits"  # horizontal flips for natural images, never for digits
     if world > 1:
@@ -341,7 +576,7 @@ def main(argv=None):
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out / "tb"))
+            writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if args.resume else None)
         except ImportError:
             pass
     progress = None
@@ -356,19 +591,25 @@ def main(argv=None):
     def checkpoint(it):
         rngs = [None] * world
         counts = [None] * world
+        logs = [None] * world
+        mine = {"acc": acc.cpu(), "n": acc_n.cpu()}
         if world > 1:
             dist.all_gather_object(rngs, rng_state(device))
             dist.all_gather_object(counts, batches.consumed)
+            dist.all_gather_object(logs, mine)
         else:
-            rngs, counts = [rng_state(device)], [batches.consumed]
+            rngs, counts, logs = [rng_state(device)], [batches.consumed], [mine]
         if rank == 0:
+            config = {k: v for k, v in vars(args).items() if k != "explicit"}
             state = {
                 "generator": unwrap(gen).state_dict(), "critic": unwrap(critic).state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                 "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
                 "penalty": penalty.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rngs, "batches": counts, "iter": it, "config": vars(args), "world": world, "channels": channels,
+                "rng": rngs, "batches": counts, "iter": it, "config": config, "world": world, "channels": channels,
+                "images": len(images), "applied": applied,
+                "log": {"acc": [x["acc"] for x in logs], "n": [x["n"] for x in logs]},
             }  # fmt: skip
             save_atomic(state, ckpt_path)
 
@@ -381,12 +622,17 @@ def main(argv=None):
         g.train(was_training)
         from torchvision.utils import save_image
 
+        if x.shape[-1] < 32:  # small images (digits at 8x8 or 16x16): enlarge the pixels, do not blur them
+            x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
         save_image(x * 0.5 + 0.5, out / "samples" / f"iter_{it:06d}.png", nrow=10)
 
-    bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
-    acc = torch.zeros(5, device=device, dtype=torch.float64)  # sums for the log line, synced only when logging
-    acc_n, t_last, it = 0, time.perf_counter(), start
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # a divergence since the last check
+    streak = torch.zeros((), dtype=torch.int64, device=device)  # fp16: consecutive non-finite critic steps
+    fp16 = args.amp == "fp16"
+    if fp16:  # a step the GradScaler skips (overflow) makes the schedulers warn about their order; it is expected
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+    steps_timed, t_last, it = 0, time.perf_counter(), start
+    metrics = open(metrics_path, "a") if rank == 0 else None  # noqa: SIM115
     try:
         for it in range(start + 1, args.iters + 1):
             # ---- critic: n_critic steps of  D(fake) - D(real) + lambda * penalty  (paper, Alg. 1)
@@ -399,6 +645,7 @@ def main(argv=None):
                 z = torch.randn(per_rank, models.Z_DIM, device=device)
                 with torch.no_grad(), amp:
                     fake = gen(z).float()
+                active = penalty.calls % penalty.every == 0  # lazy regularisation: does this call compute it?
                 with amp:
                     scores = critic(torch.cat([real, fake])).float()
                     d_real, d_fake = scores[:per_rank].mean(), scores[per_rank:].mean()
@@ -408,6 +655,16 @@ def main(argv=None):
                 scaler.scale(loss_d).backward()
                 scaler.step(opt_d)
                 scaler.update()
+                finite = torch.isfinite(loss_d)
+                if fp16:  # the GradScaler skips a step with inf/NaN gradients and lowers its scale
+                    streak = (streak + 1) * ~finite
+                    bad |= streak >= FP16_OVERFLOW_STREAK
+                else:
+                    bad |= ~finite
+                norms = penalty.last_norms.mean() if active else torch.zeros((), device=device)
+                step = torch.stack([loss_d, d_real - d_fake, gp, norms, torch.zeros((), device=device)])
+                acc += torch.where(finite, step.double().detach(), 0.0)  # fp16: skipped steps are not averaged
+                acc_n[1:3] += torch.stack([finite, finite & active]).double()
             # ---- generator: one step of -D(G(z)) on a 2x batch (GEN_BS_MULTIPLE = 2)
             critic.requires_grad_(False)
             z = torch.randn(2 * per_rank, models.Z_DIM, device=device)
@@ -425,33 +682,40 @@ def main(argv=None):
                     torch._foreach_lerp_(list(ema.parameters()), list(src.parameters()), 1.0 - args.ema)
                     for b_ema, b in zip(ema.buffers(), src.buffers(), strict=True):
                         b_ema.copy_(b)
-
-            norms = penalty.last_norms.mean() if penalty.last_norms is not None else torch.zeros((), device=device)
-            bad |= ~(torch.isfinite(loss_d) & torch.isfinite(loss_g))
-            acc += torch.stack([loss_d, d_real - d_fake, gp, norms, loss_g]).double().detach()
-            acc_n += 1
+            if not fp16:
+                bad |= ~torch.isfinite(loss_g)
+            acc[4] += torch.where(torch.isfinite(loss_g), loss_g.double().detach(), 0.0)
+            acc_n[0::3] += torch.stack([torch.isfinite(loss_g).double(), torch.ones((), device=device)])
+            steps_timed += 1
 
             boundary = it % args.log_every == 0 or it % args.ckpt_every == 0 or it == args.iters or it == args.stop_at
             if not boundary:
                 if progress is not None:
                     progress.update(1)
                 continue
+            weights = [p for m in (gen, critic) for p in m.parameters()]
+            bad |= ~torch.stack([torch.isfinite(p).all() for p in weights]).all()  # NaN weights: diverged
             if world > 1:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             if bad.item():
                 raise FloatingPointError(
-                    f"non-finite loss between generator steps {it - acc_n + 1} and {it} "
+                    f"non-finite loss or weights between generator steps {it - int(acc_n[3].item()) + 1} and {it} "
                     f"(try a smaller --lr, --amp none, or check the data); "
                     f"the last good checkpoint {ckpt_path} is kept"
                 )
             if it % args.log_every == 0 or it == args.iters:
-                mean = (acc / acc_n).tolist()
+                n_gen, n_crit, n_pen, _ = acc_n.tolist()
+                counts = [n_crit, n_crit, n_crit, n_pen, n_gen]  # grad_norm: over the steps that computed it
+                mean = [v / n if n else float("nan") for v, n in zip(acc.tolist(), counts, strict=True)]
                 now = time.perf_counter()
-                img_s = acc_n * args.n_critic * args.batch_size / (now - t_last)
+                img_s = steps_timed * args.n_critic * args.batch_size / (now - t_last)
                 rec = {
-                    "iter": it, "loss_d": mean[0], "wasserstein": mean[1], "gp": mean[2], "grad_norm": mean[3],
-                    "loss_g": mean[4], "lr": sched_g.get_last_lr()[0], "img_per_s": img_s,
+                    "iter": it, "loss_d": mean[0], "wasserstein": mean[1], "gp": mean[2],
+                    "grad_norm": mean[3] if n_pen else None, "loss_g": mean[4], "lr": sched_g.get_last_lr()[0],
+                    "img_per_s": img_s,
                 }  # fmt: skip
+                if fp16:
+                    rec["scale"] = scaler.get_scale()
                 if rank == 0:
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
@@ -462,10 +726,11 @@ def main(argv=None):
                     write(line)
                     if writer is not None:
                         for k, v in rec.items():
-                            if k != "iter":
+                            if k != "iter" and v is not None:
                                 writer.add_scalar(k, v, it)
                 acc.zero_()
-                acc_n, t_last = 0, now
+                acc_n.zero_()
+                steps_timed, t_last = 0, now
             if progress is not None:
                 progress.set_postfix(D=f"{loss_d.item():.3f}", G=f"{loss_g.item():.3f}", refresh=False)
                 progress.update(1)
@@ -473,14 +738,14 @@ def main(argv=None):
                 sample_grid(it)
             if args.eval_every and it % args.eval_every == 0 and it != args.iters:
                 evaluate(args, ema if ema is not None else unwrap(gen), images, device, it, rank, metrics, writer)
+            if it == args.iters:  # evaluate before the last checkpoint: a finished checkpoint is never re-evaluated
+                evaluate(args, ema if ema is not None else unwrap(gen), images, device, it, rank, metrics, writer)
             if it % args.ckpt_every == 0 or it == args.iters or it == args.stop_at:
                 checkpoint(it)
             if it == args.stop_at:
                 if rank == 0:
                     print(f"stopped at generator step {it} (--stop-at); continue with --resume")
                 break
-        else:
-            evaluate(args, ema if ema is not None else unwrap(gen), images, device, it, rank, metrics, writer)
         if world > 1:
             check_replicas(unwrap(gen), unwrap(critic), rank)
     finally:
@@ -537,7 +802,7 @@ def evaluate(args, g, images, device, it, rank, metrics, writer):
     if args.dataset == "digits":
         import digits_score
 
-        result = digits_score.score(fake, images)
+        result = digits_score.score(fake, args.image_size)
     else:
         result = inception_metrics(args, fake)
         if result is None:
