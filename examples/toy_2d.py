@@ -7,6 +7,8 @@
 Datasets and setup follow the official ``gan_toy.py``: ReLU MLPs with 3 hidden layers of 512 and He
 init, Adam 1e-4 with betas (0.5, 0.9), 5 critic steps per generator step, batch 256, lambda 0.1; the
 ``clip`` baseline is weight clipping at 0.01 with RMSProp 5e-5, ``none`` has no Lipschitz constraint.
+lambda 0.1 is gan_toy.py's value, not the paper's: the paper uses lambda 10 for all its experiments, and
+``--figure gradnorms`` (a critic alone, Figure 1b) uses 10.
 
 Writes ``toy_<datasets>.png`` (critic value as filled contours, real samples orange, generated green)
 and ``toy_metrics.json``: modes covered and high-quality samples for the Gaussian mixtures
@@ -38,6 +40,7 @@ N_CRITIC = 5  # critic steps per generator step (gan_toy.py CRITIC_ITERS)
 # gan_toy.py LAMBDA = .1: "Smaller lambda makes things faster for toy tasks, but isn't necessary if you
 # increase CRITIC_ITERS enough"
 GP_WEIGHT = 0.1
+PAPER_GP_WEIGHT = 10.0  # the paper's lambda, used for all its experiments; here for --figure gradnorms
 CLIP = 0.01  # WGAN weight clipping bound (gan_toy.py)
 
 
@@ -208,41 +211,61 @@ def plot_panels(results, out: Path, datasets, kinds):
     return path
 
 
-def figure_gradnorms(out: Path, seed: int, steps: int, backend: str):
-    """Figure 1b: per-layer gradient norms of a 12-layer ReLU critic on the Swiss roll, clipping vs GP.
+def activation_grad_norms(critic: Critic, real: torch.Tensor, fake: torch.Tensor) -> list[float]:
+    """Norm of the WGAN critic loss's gradient w.r.t. each hidden layer's activations (ReLU outputs).
 
-    As in the paper's plots, the generator is fixed (real data plus unit Gaussian noise) and only the
-    critic trains; then the norm of the critic loss's gradient w.r.t. each layer's weights is measured.
+    The loss is ``D(fake).mean() - D(real).mean()`` on one batch of real and fake points; the norm is taken
+    over the whole ``(2N, width)`` activation tensor of each layer, first hidden layer first.
+    """
+    h, acts = torch.cat([real, fake]), []
+    for m in critic.net:
+        h = m(h)
+        if isinstance(m, nn.ReLU):
+            acts.append(h)
+    n = len(real)
+    loss = h[n:].mean() - h[:n].mean()
+    return [g.norm().item() for g in torch.autograd.grad(loss, acts)]
+
+
+def figure_gradnorms(out: Path, seed: int, steps: int, backend: str):
+    """Figure 1b: gradient norms w.r.t. each layer's activations in a deep ReLU critic, clipping vs GP.
+
+    As in the paper, the critic has 12 hidden ReLU layers (then a linear output) and is trained on the Swiss
+    roll against a fixed generator (real data plus unit Gaussian noise, gan_toy.py's FIXED_GENERATOR), with
+    the paper's lambda = 10 for GP; after training, the norm of the critic loss's gradient w.r.t. each hidden
+    layer's activations is measured on a fresh batch (``activation_grad_norms``).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    depth = 12  # hidden ReLU layers of the deep critic: one point per layer in the figure
     settings = [("clip", 0.1), ("clip", 0.01), ("clip", 0.001), ("gp", None)]
     curves = {}
     for kind, c in settings:
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        critic = Critic(depth=12)
+        critic = Critic(depth=depth)
         if kind == "clip":
             opt = torch.optim.RMSprop(critic.parameters(), lr=5e-5)
         else:
             opt = torch.optim.Adam(critic.parameters(), lr=1e-4, betas=(0.5, 0.9))
-        for _ in range(steps + 1):
+        for _ in range(steps):
             real = torch.from_numpy(sample("swissroll", BATCH, rng))
             fake = real + torch.randn_like(real)  # gan_toy.py FIXED_GENERATOR
             loss = critic(fake).mean() - critic(real).mean()
             if kind == "gp":
-                loss = loss + GP_WEIGHT * gradpen.gradient_penalty(critic, real, fake, backend=backend)
+                loss = loss + PAPER_GP_WEIGHT * gradpen.gradient_penalty(critic, real, fake, backend=backend)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            norms = [m.weight.grad.norm().item() for m in critic.net if isinstance(m, nn.Linear)]
             opt.step()
             if kind == "clip":
                 with torch.no_grad():
                     for p in critic.parameters():
                         p.clamp_(-c, c)
+        real = torch.from_numpy(sample("swissroll", BATCH, rng))
+        norms = activation_grad_norms(critic, real, real + torch.randn_like(real))
         label = f"weight clipping c={c}" if kind == "clip" else "gradient penalty"
         curves[label] = norms
         print(f"  gradnorms {label}: layer 1 {norms[0]:.3g} ... layer {len(norms)} {norms[-1]:.3g}")
@@ -250,7 +273,10 @@ def figure_gradnorms(out: Path, seed: int, steps: int, backend: str):
     for label, norms in curves.items():
         ax.plot(range(1, len(norms) + 1), np.log10(np.maximum(norms, 1e-30)), marker="o", ms=3, label=label)
     ax.set(
-        xlabel="critic layer", ylabel="log10 gradient norm", title=f"Swiss roll, 12-layer ReLU critic, {steps} steps"
+        xlabel="hidden layer",
+        ylabel="log10 |d loss / d activations|",
+        title=f"Swiss roll, critic with {depth} hidden ReLU layers, {steps} steps",
+        xticks=range(1, depth + 1),
     )
     ax.legend(fontsize=7)
     fig.tight_layout()
