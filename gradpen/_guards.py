@@ -118,13 +118,40 @@ def _where(root: nn.Module, m: nn.Module) -> str:
 # --- attention: the SDPA MATH kernel ---------------------------------------------------------
 
 
+# (getter, setter, on under MATH) of each SDPA kernel flag, as sdpa_kernel sets them.
+_SDP_FLAGS = tuple(
+    (getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"), name == "math")
+    for name in ("flash", "mem_efficient", "math", "cudnn", "overrideable")
+    if hasattr(torch._C, f"_get_{name}_sdp_enabled") and hasattr(torch._C, f"_set_sdp_use_{name}")
+)
+
+
+class _MathOnly:
+    """``sdpa_kernel(SDPBackend.MATH)`` for eager mode at a tenth of its cost (measured in
+    benchmarks/bench_attention.py): the flags are saved, set and restored directly."""
+
+    __slots__ = ("saved",)
+
+    def __enter__(self) -> None:
+        self.saved = [get() for get, _, _ in _SDP_FLAGS]
+        for _, set_, on in _SDP_FLAGS:
+            set_(on)
+
+    def __exit__(self, *exc: object) -> None:
+        for (_, set_, _), was in zip(_SDP_FLAGS, self.saved, strict=True):
+            set_(was)
+
+
 def math_attention() -> contextlib.AbstractContextManager[Any]:
     """``scaled_dot_product_attention`` on its MATH kernel, the only one with a double backward.
 
     The fused kernels (flash, memory-efficient, cuDNN, CPU flash) have none, and the kernel is
-    chosen at forward time, so every forward that is differentiated twice runs under this.
+    chosen at forward time, so every forward that is differentiated twice runs under this. Under
+    torch.compile it is ``sdpa_kernel(SDPBackend.MATH)`` itself, which dynamo traces.
     """
-    return sdpa_kernel(SDPBackend.MATH)
+    if torch.compiler.is_compiling() or len(_SDP_FLAGS) < 5:
+        return sdpa_kernel(SDPBackend.MATH)
+    return _MathOnly()
 
 
 # --- ops without a double backward ----------------------------------------------------------

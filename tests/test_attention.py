@@ -93,3 +93,31 @@ def test_attention_r1_and_norms_under_a_fused_kernel_choice(backend):
     torch.testing.assert_close(r1, want.square().mean(), rtol=1e-10, atol=1e-12)
     for a, b in zip(got, _grads(critic), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _flags():
+    b = torch.backends.cuda
+    return (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(), b.cudnn_sdp_enabled())
+
+
+def _raising(critic):
+    def run(x):
+        critic(x)
+        raise ZeroDivisionError("inside the critic")
+
+    return run
+
+
+@pytest.mark.parametrize("backend", ["autograd", "func"])
+def test_kernel_choice_is_restored(backend):
+    """The caller's SDPA kernel flags are the same after a penalty, also after a critic that raised."""
+    critic = TransformerCritic().double()
+    real, fake, _ = _data()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        before = _flags()
+        gradpen.gradient_penalty(critic, real, fake, backend=backend)
+        assert _flags() == before
+        with pytest.raises(ZeroDivisionError, match="inside the critic"):
+            gradpen.gradient_penalty(_raising(critic), real, fake, backend=backend)
+        assert _flags() == before
+    assert _flags() == (True, True, True, True)
