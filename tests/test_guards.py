@@ -78,7 +78,8 @@ def test_once_differentiable_critic_is_refused(backend, last):
         gradpen.gradient_penalty(critic, _x(), _x(), backend=backend)
 
 
-def test_op_without_derivative_is_refused_with_its_name():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_without_derivative_is_refused_with_its_name(backend):
     """An aten op with no double backward (CPU flash attention, forced here) is named in the gradpen error."""
 
     def attend(x):
@@ -87,7 +88,7 @@ def test_op_without_derivative_is_refused_with_its_name():
 
     critic = FnCritic(attend).double()
     with pytest.raises(UnsupportedCriticError, match=r"flash_attention_for_cpu_backward is not implemented"):
-        gradpen.r1_penalty(critic, _x())
+        gradpen.r1_penalty(critic, _x(), backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
