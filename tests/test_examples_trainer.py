@@ -1,6 +1,6 @@
 """examples/train_cifar.py and generate.py: smoke runs, exact resume, DDP, failures and bad flags.
 
-Each run is a few tiny steps (dcgan, dim 8, batch 8) on the bundled digits or a generated folder.
+Each run is a few tiny steps (dim 8, batch 8) on the bundled digits (mlp) or a generated folder (resnet).
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     """A NaN critic output stops the run with a clear error; the checkpoint of step 2 is untouched."""
     out = _run(tmp_path, "--iters", "6", "--ckpt-every", "2", "--stop-at", "2")
     before = (out / "checkpoint.pt").read_bytes()
-    forward = train_cifar.models.DCGANCritic.forward
-    monkeypatch.setattr(train_cifar.models.DCGANCritic, "forward", lambda self, x: forward(self, x) * float("nan"))
+    forward = train_cifar.models.MLPCritic.forward
+    monkeypatch.setattr(train_cifar.models.MLPCritic, "forward", lambda self, x: forward(self, x) * float("nan"))
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* the last good checkpoint .* is kept"):
         _run(tmp_path, "--iters", "6", "--ckpt-every", "2", "--resume")
     assert (out / "checkpoint.pt").read_bytes() == before
@@ -127,7 +127,7 @@ def test_generate_writes_uint8_nhwc_npz(tmp_path):
     generate.main(["--checkpoint", str(out / "checkpoint.pt"), "--num", "7", "--batch", "3",
                    "--out", str(tmp_path / "s.npz")])  # fmt: skip
     arr = np.load(tmp_path / "s.npz")["arr_0"]
-    assert arr.shape == (7, 32, 32, 1) and arr.dtype == np.uint8
+    assert arr.shape == (7, 8, 8, 1) and arr.dtype == np.uint8
 
 
 @pytest.mark.parametrize(
@@ -138,13 +138,13 @@ def test_generate_writes_uint8_nhwc_npz(tmp_path):
         (["--dataset", "folder"], "--data-dir is required with --dataset folder"),
         (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
         (["--image-size", "48"], "--image-size must be 32 or 64 for --arch resnet, got 48"),
-        (["--dataset", "digits", "--image-size", "64"], "--image-size must be 16 or 32 for --arch digits, got 64"),
+        (["--dataset", "digits", "--image-size", "64"], "--image-size must be 8 or 16 for --arch mlp, got 64"),
         (["--lr", "nan"], "--lr must be a finite number, got nan"),
         (["--lr", "inf"], "--lr must be a finite number, got inf"),
         (["--gp-weight", "nan"], "--gp-weight must be a finite number, got nan"),
         (["--gp-weight", "inf"], "--gp-weight must be a finite number, got inf"),
         (["--center", "nan"], "--center must be a finite number, got nan"),
-        (["--center", "-inf"], "--center must be a finite number, got -inf"),
+        (["--center=-inf"], "--center must be a finite number, got -inf"),
         (["--batch-size", "1"], "--batch-size must be >= 2 (the generator has BatchNorm), got 1"),
         (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
         (["--seed", str(2**64)], f"--seed must be in [0, 4294967295], got {2**64}"),

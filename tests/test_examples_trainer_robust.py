@@ -1,6 +1,6 @@
 """examples/train_cifar.py and generate.py: resume rules, logs, one-line errors, fp16 overflow, folder edge cases.
 
-Each run is a few tiny steps (digits networks, dim 8, batch 8) on the bundled digits or a generated folder.
+Each run is a few tiny steps (the mlp digits networks, dim 8, batch 8) on the bundled digits or a generated folder.
 """
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ def test_resume_refuses_flags_that_differ_from_the_checkpoint(tmp_path, capsys):
 
 def test_resume_applies_a_new_lr_and_records_it(tmp_path, capsys):
     """--lr on resume is applied to both optimizers, saved in the config and recorded with its old value."""
-    _run(tmp_path, "--iters", "3", "--stop-at", "1")
+    _run(tmp_path, "--iters", "3", "--stop-at", "1", "--lr-decay", "none")
     _run(tmp_path, "--iters", "3", "--resume", "--lr", "1e-3")
-    assert "applied --lr 0.001 (the checkpoint had 0.0002)" in capsys.readouterr().out
+    assert "applied --lr 0.001 (the checkpoint had 0.0005)" in capsys.readouterr().out
     state = _state(tmp_path / "run")
     assert state["config"]["lr"] == 1e-3
-    assert state["applied"] == [{"iter": 1, "flag": "--lr", "old": 2e-4, "new": 1e-3}]
+    assert state["applied"] == [{"iter": 1, "flag": "--lr", "old": 5e-4, "new": 1e-3}]
     assert [g["lr"] for k in ("opt_g", "opt_d") for g in state[k]["param_groups"]] == [1e-3, 1e-3]
     assert _lines(tmp_path / "run")[-2]["lr"] == 1e-3
 
@@ -183,14 +183,14 @@ def test_checkpoint_of_another_network_gives_one_line_naming_the_mismatch(tmp_pa
     """Weights of --dim 8 into a --dim 16 network: one line with the tensor and both shapes, no state_dict dump."""
     out = _run(tmp_path, "--iters", "1")
     state = _state(out)
-    gen, _ = train_cifar.models.build("digits", 16, 16, 1)
-    with pytest.raises(SystemExit, match=r"does not fit --arch digits --dim 16 --image-size 16: its generator") as e:
+    gen, _ = train_cifar.models.build("mlp", 16, 8, 1)
+    with pytest.raises(SystemExit, match=r"does not fit --arch mlp --dim 16 --image-size 8: its generator") as e:
         train_cifar.load_weights(gen, state["generator"], "generator", out / "checkpoint.pt",
-                                 {"arch": "digits", "dim": 16, "image_size": 16})  # fmt: skip
+                                 {"arch": "mlp", "dim": 16, "image_size": 8})  # fmt: skip
     _one_line_exit(e)
     state["config"]["dim"] = 16  # a config that does not match its weights
     torch.save(state, out / "checkpoint.pt")
-    with pytest.raises(SystemExit, match=r"does not fit --arch digits --dim 16"):
+    with pytest.raises(SystemExit, match=r"does not fit --arch mlp --dim 16"):
         generate.main(["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "s.npz")])
 
 
@@ -214,8 +214,8 @@ def test_fp16_overflow_skipped_by_the_grad_scaler_does_not_stop_the_run(tmp_path
 
 def test_fp16_real_divergence_still_stops(tmp_path, monkeypatch):
     """Under fp16 a critic that only returns NaN is a divergence: the run stops after the overflow streak."""
-    forward = train_cifar.models.DigitsCritic.forward
-    monkeypatch.setattr(train_cifar.models.DigitsCritic, "forward", lambda self, x: forward(self, x) * float("nan"))
+    forward = train_cifar.models.MLPCritic.forward
+    monkeypatch.setattr(train_cifar.models.MLPCritic, "forward", lambda self, x: forward(self, x) * float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite loss or weights"):
         _run(tmp_path, "--iters", "40", "--amp", "fp16", "--device", "cpu")
 
@@ -261,7 +261,7 @@ def test_generate_prints_the_path_it_wrote_and_checks_the_folder_first(tmp_path,
     out = _run(tmp_path, "--iters", "1")
     generate.main(["--checkpoint", str(out / "checkpoint.pt"), "--num", "3", "--out", str(tmp_path / "s")])
     assert capsys.readouterr().out.strip().endswith(f"to {tmp_path / 's.npz'}")
-    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (3, 16, 16, 1)
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 8, 1)
     monkeypatch.setattr(generate, "load_generator", lambda *a, **k: pytest.fail("sampled before checking --out"))
     with pytest.raises(SystemExit) as e:
         generate.main(["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "no" / "s.npz")])
