@@ -59,8 +59,15 @@ def test_tiny_run_writes_png_and_json(tmp_path):
 
 @pytest.mark.slow
 def test_gradnorms_figure(tmp_path):
-    """--figure gradnorms writes one curve of 13 per-layer norms for each of the 4 settings."""
+    """--figure gradnorms writes one curve of 12 per-layer norms (one per hidden layer's activations) for each
+    of the 4 settings, and shows the paper's Figure 1b effect: under clipping at c <= 0.01 the gradient
+    vanishes towards the input by orders of magnitude, under the penalty it does not."""
     toy_2d.main(["--figure", "gradnorms", "--gradnorm-steps", "2", "--out", str(tmp_path)])
     curves = json.loads((tmp_path / "toy_gradnorms.json").read_text())
-    assert len(curves) == 4 and all(len(v) == 13 for v in curves.values())
+    assert len(curves) == 4 and all(len(v) == 12 for v in curves.values())
+    for name, norms in curves.items():
+        if name in ("weight clipping c=0.01", "weight clipping c=0.001"):
+            assert norms[0] < 1e-3 * norms[-1], (name, norms)
+        elif name == "gradient penalty":
+            assert 0.1 < norms[0] / norms[-1] < 10, norms
     assert (tmp_path / "toy_gradnorms.png").exists()
