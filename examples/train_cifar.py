@@ -57,7 +57,7 @@ DEFAULTS = {
     # resnet LR = 2e-4; dcgan 1e-4; mlp (digits, not the paper's): 5e-4, better than 2e-4 in our runs
     "lr": {"resnet": 2e-4, "dcgan": 1e-4, "mlp": 5e-4},
     "betas": {"resnet": (0.0, 0.9), "dcgan": (0.5, 0.9), "mlp": (0.5, 0.9)},  # Adam betas of each script (mlp: dcgan's)
-    # resnet: linear to 0 over ITERS, dcgan: none; mlp: linear, which with the EMA cleans up the last steps' samples
+    # resnet: linear to 0 over ITERS, dcgan: none; mlp: linear, to settle the last steps (not ablated)
     "decay": {"resnet": True, "dcgan": False, "mlp": True},
     "ema": 0.0,  # the paper samples from the raw generator
     "sample_every": 1000,
