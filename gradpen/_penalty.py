@@ -190,7 +190,9 @@ def interpolate(
     r"""Random points on the lines between real and fake samples.
 
     .. math::
-        \hat x_i = \alpha_i\, x^{r}_i + (1 - \alpha_i)\, x^{f}_i, \qquad \alpha_i \sim U[0, 1]
+        \hat x_i &= \alpha_i\, x^{r}_i + (1 - \alpha_i)\, x^{f}_i,
+
+        \alpha_i &\sim U[0, 1]
 
     One :math:`\alpha_i` per sample (never per element), drawn on the inputs' device. The
     result is detached: no gradient flows back into ``real`` or ``fake``.
@@ -236,8 +238,9 @@ def gradient_norms(
     r"""Per-sample L2 norms of the critic's gradient with respect to its input.
 
     .. math::
-        n_i = \big\lVert \nabla_{x_i} D(x)_i \big\rVert_2
-            = \Big(\sum_{j} \big(\partial D(x)_i / \partial x_{i,j}\big)^2\Big)^{1/2}
+        n_i &= \big\lVert \nabla_{x_i} D(x)_i \big\rVert_2
+
+            &= \Big(\sum_{j} \big(\partial D(x)_i / \partial x_{i,j}\big)^2\Big)^{1/2}
 
     where :math:`D(x)_i` is the sum of sample :math:`i`'s critic outputs and :math:`j` runs over
     all non-batch dimensions (of all inputs, for a multi-input critic). This is the per-sample
@@ -379,8 +382,9 @@ def gradient_penalty(
     r"""Gradient penalty of WGAN-GP (Gulrajani et al., 2017).
 
     .. math::
-        \mathcal{P} = \mathbb{E}_{\hat x}\big[(\lVert \nabla_{\hat x} D(\hat x) \rVert_2 - c)^2\big],
-        \qquad \hat x = \alpha\, x_r + (1-\alpha)\, x_f,\quad \alpha \sim U[0, 1]
+        \mathcal{P} &= \mathbb{E}_{\hat x}\big[(\lVert \nabla_{\hat x} D(\hat x) \rVert_2 - c)^2\big],
+
+        \hat x &= \alpha\, x_r + (1-\alpha)\, x_f,\quad \alpha \sim U[0, 1]
 
     With ``one_sided=True`` the summand is :math:`\max(0, \lVert g \rVert_2 - c)^2`, the Lipschitz
     penalty (LP) of Petzka et al. (2018). ``center=0`` gives the zero-centred penalty. The norm is
@@ -576,9 +580,11 @@ def dragan_penalty(
     r"""DRAGAN penalty around the real data (Kodali et al., 2017).
 
     .. math::
-        x_p = x + s\,\sigma_x\,u,\quad u \sim U[0, 1)^{\dim x}, \qquad
-        \hat x = \alpha x + (1 - \alpha) x_p,\quad \alpha \sim U[0, 1], \qquad
-        \mathcal{P} = \mathbb{E}\big[(\lVert \nabla_{\hat x} D(\hat x)\rVert_2 - c)^2\big]
+        x_p &= x + s\,\sigma_x\,u,\quad u \sim U[0, 1)^{\dim x},
+
+        \hat x &= \alpha x + (1 - \alpha) x_p,\quad \alpha \sim U[0, 1],
+
+        \mathcal{P} &= \mathbb{E}\big[(\lVert \nabla_{\hat x} D(\hat x)\rVert_2 - c)^2\big]
 
     as in the official DRAGAN code: :math:`\sigma_x` is the (population) standard deviation of the whole batch
     (of each input, for a multi-input critic), :math:`u` is drawn per element and :math:`\alpha`
