@@ -71,10 +71,10 @@ def make_variants():
     }
 
 
-def bench_cost(critic, batch, reps, warmup, block):
+def bench_cost(critic, batch, reps, warmup, block, names):
     torch.manual_seed(0)
     data = (torch.randn(batch, 3, 32, 32), torch.randn(batch, 3, 32, 32))
-    variants = make_variants()
+    variants = {v: fn for v, fn in make_variants().items() if v in names}
     copies = {v: copy.deepcopy(critic) for v in variants}
     opts = {v: torch.optim.Adam(c.parameters(), lr=1e-4, betas=(0.0, 0.9)) for v, c in copies.items()}
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -123,6 +123,7 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=None, help="updates per timed block (default 4; 1 with --quick)")
     parser.add_argument("--calls", type=int, default=None, help="calls per draws setting (default 8; 1 with --quick)")
     parser.add_argument("--only", default=None, help="comma-separated subset of: dcgan,resnet")
+    parser.add_argument("--variants", default=None, help="comma-separated subset of the timed variants (default: all)")
     parser.add_argument("--out", default=None, help="Markdown output (default: benchmarks/results_approx_cpu.md)")
     args = parser.parse_args(argv)
     for flag in ("reps", "block", "calls"):
@@ -142,11 +143,17 @@ def main(argv=None):
         if c not in cases:
             parser.error(f"--only: unknown critic {c!r}; expected some of {sorted(cases)}")
 
+    names = args.variants.split(",") if args.variants else list(make_variants())
+    for v in names:
+        if v not in make_variants():
+            parser.error(f"--variants: unknown {v!r}; expected some of {list(make_variants())}")
+    names = ["plain", "exact-r1", *[v for v in names if v not in ("plain", "exact-r1")]]  # the ratios' bases
+
     cost_lines, agree_lines = [], []
     for key in chosen:
         label, critic = cases[key]
         print(f"timing {label} ...", flush=True)
-        med = bench_cost(critic, batch, reps, warmup, block)
+        med = bench_cost(critic, batch, reps, warmup, block, names)
         for v, t in med.items():
             cost_lines.append(f"| {label} | {v} | {t * 1e3:.1f} | {t / med['plain']:.2f} | {t / med['exact-r1']:.2f} |")
         print(f"gradient agreement {label} ...", flush=True)

@@ -3,10 +3,14 @@
     python examples/toy_2d.py --dataset 8gaussians,25gaussians --penalty gp,clip --iters 3000 --out runs/toy
     python examples/toy_2d.py --figure gradnorms --out runs/toy       # Figure 1b: deep critics, Swiss roll
     python examples/toy_2d.py --dataset swissroll --penalty gp,lp,zc,r1,dragan,clip,none --iters 2000
+    python examples/toy_2d.py --dataset 8gaussians,25gaussians --penalty r1,approx-r1,zc,approx-zc --iters 500
 
 Datasets and setup follow the official ``gan_toy.py``: ReLU MLPs with 3 hidden layers of 512 and He
 init, Adam 1e-4 with betas (0.5, 0.9), 5 critic steps per generator step, batch 256, lambda 0.1; the
 ``clip`` baseline is weight clipping at 0.01 with RMSProp 5e-5, ``none`` has no Lipschitz constraint.
+``approx-r1`` and ``approx-zc`` are the double-backward-free twins of ``r1`` and ``zc``
+(:func:`gradpen.approx_r1_penalty`, :func:`gradpen.approx_gradient_penalty`; sigma 0.01, one draw): the
+same quantity, so the same loss and the same weight.
 lambda 0.1 is gan_toy.py's value, not the paper's: the paper uses lambda 10 for all its experiments, and
 ``--figure gradnorms`` (a critic alone, Figure 1b) uses 10.
 
@@ -33,7 +37,7 @@ from torch import nn
 import gradpen
 
 DATASETS = ["8gaussians", "25gaussians", "swissroll"]
-PENALTIES = ["gp", "lp", "zc", "r1", "dragan", "clip", "none"]
+PENALTIES = ["gp", "lp", "zc", "r1", "dragan", "approx-r1", "approx-zc", "clip", "none"]
 DIM = 512  # hidden width (gan_toy.py DIM)
 BATCH = 256  # gan_toy.py BATCH_SIZE
 N_CRITIC = 5  # critic steps per generator step (gan_toy.py CRITIC_ITERS)
@@ -106,6 +110,10 @@ def penalty_term(kind: str, critic, real, fake, backend: str) -> torch.Tensor:
         return GP_WEIGHT * gradpen.r1_penalty(critic, real, backend=backend)
     if kind == "dragan":
         return GP_WEIGHT * gradpen.dragan_penalty(critic, real, backend=backend)
+    if kind == "approx-r1":  # no backend: finite differences, no input gradient
+        return GP_WEIGHT * gradpen.approx_r1_penalty(critic, real)
+    if kind == "approx-zc":
+        return GP_WEIGHT * gradpen.approx_gradient_penalty(critic, real, fake)
     return real.new_zeros(())  # clip, none
 
 
