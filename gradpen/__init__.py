@@ -5,6 +5,7 @@ The public surface is what ``__all__`` lists; every other module is private.
 
 from gradpen._approx import approx_gradient_penalty, approx_r1_penalty, approx_r2_penalty
 from gradpen._args import shared
+from gradpen._guards import UnsupportedCriticError
 from gradpen._module import GradientPenalty, lazy_adam_kwargs
 from gradpen._penalty import (
     dragan_penalty,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GradientPenalty",
+    "UnsupportedCriticError",
     "__version__",
     "approx_gradient_penalty",
     "approx_r1_penalty",
