@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import types
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -39,8 +40,9 @@ class UnsupportedCriticError(RuntimeError):
 
 def critic_modules(critic: Any) -> list[nn.Module]:
     """The modules behind ``critic``: the critic itself, or what a ``functools.partial``, a bound
-    method (``D.forward``) or a ``torch.compile``\\ d module wraps. A plain function or a lambda hides
-    its modules; then nothing is found."""
+    method (``D.forward``), a ``torch.compile``\\ d module or a function's closure
+    (``lambda x: D(x, y)`` inside a training step) holds. A module that a function reads as a global
+    variable is not seen."""
     seen: list[nn.Module] = []
     todo = [critic]
     while todo:
@@ -52,7 +54,17 @@ def critic_modules(critic: Any) -> list[nn.Module]:
             todo.extend(v for v in (*obj.args, *obj.keywords.values()) if isinstance(v, nn.Module))
         elif hasattr(obj, "__self__") and hasattr(obj, "__func__"):  # a bound method
             todo.append(obj.__self__)
+        elif isinstance(obj, types.FunctionType) and obj.__closure__:
+            todo.extend(v for v in _cell_contents(obj.__closure__) if isinstance(v, (nn.Module, functools.partial)))
     return seen
+
+
+def _cell_contents(cells: tuple[Any, ...]) -> Iterator[Any]:
+    for cell in cells:
+        try:
+            yield cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            continue
 
 
 def batch_coupled_modules(critic: Any) -> list[str]:
@@ -166,7 +178,8 @@ _checked: weakref.WeakKeyDictionary[Any, set[bool]] = weakref.WeakKeyDictionary(
 
 def _key(critic: Any) -> tuple[Any, bool] | None:
     mods = critic_modules(critic)
-    obj, training = (mods[0], mods[0].training) if mods else (critic, False)
+    # A function made anew on every call (a lambda in the training step) is known by its code.
+    obj, training = (mods[0], mods[0].training) if mods else (getattr(critic, "__code__", critic), False)
     try:
         weakref.ref(obj)
     except TypeError:

@@ -3,6 +3,8 @@ error that says what to do instead; the check runs once per critic and leaves no
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -163,3 +165,24 @@ def test_fsdp1_module_is_refused_before_any_work():
         with pytest.raises(UnsupportedCriticError, match=r"FSDP.*`sharded` \(FullyShardedDataParallel\).*approx_r1"):
             gradpen.gradient_penalty(critic, _x(), _x(), backend=backend)
     assert forwards == []
+
+
+@pytest.mark.parametrize("backend", ["autograd", "func"])
+def test_lambda_made_on_every_call_is_checked_once(backend, monkeypatch):
+    """A critic lambda created anew in every training step (closing over the module, or over nothing) has its
+    graph walked once, not on every call."""
+    import gradpen._guards as guards
+
+    walks = []
+    real_walk = guards._graph_problem
+    monkeypatch.setattr(guards, "_graph_problem", lambda *a: walks.append(1) or real_walk(*a))
+    monkeypatch.setattr(guards, "_checked", weakref.WeakKeyDictionary())  # forget the other parametrization
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    w = torch.randn(3)
+    x = torch.randn(5, 3)
+    for _ in range(3):
+        gradpen.r1_penalty(lambda x: net(x).squeeze(1), x, backend=backend)
+    assert len(walks) == 1
+    for _ in range(3):
+        gradpen.r1_penalty(lambda x: torch.tanh(x @ w), x, backend=backend)  # w is a closure tensor, no module
+    assert len(walks) == 2
