@@ -17,20 +17,10 @@ import pytest
 import torch
 import train_cifar
 
-from tests._examples import EXAMPLES
+from tests._examples import EXAMPLES, TINY, checkpoint_state, run_digits
 
-TINY = ["--dim", "8", "--batch-size", "8", "--n-critic", "2", "--log-every", "1", "--sample-every", "2",
-        "--eval-samples", "20"]  # fmt: skip
 pytestmark = pytest.mark.slow
-
-
-def _run(tmp_path, *extra, out="run"):
-    train_cifar.main([*TINY, "--dataset", "digits", "--out", str(tmp_path / out), *extra])
-    return tmp_path / out
-
-
-def _state(path):
-    return torch.load(path / "checkpoint.pt", weights_only=True)
+_run, _state = run_digits, checkpoint_state
 
 
 def _assert_same_tensors(a, b, where=""):

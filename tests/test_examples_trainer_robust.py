@@ -14,18 +14,14 @@ import pytest
 import torch
 import train_cifar
 
-TINY = ["--dim", "8", "--batch-size", "8", "--n-critic", "2", "--log-every", "1", "--sample-every", "100",
-        "--eval-samples", "20"]  # fmt: skip
+from tests._examples import checkpoint_state, run_digits
+
 pytestmark = pytest.mark.slow
+_state = checkpoint_state
 
 
 def _run(tmp_path, *extra, out="run"):
-    train_cifar.main([*TINY, "--dataset", "digits", "--out", str(tmp_path / out), *extra])
-    return tmp_path / out
-
-
-def _state(path):
-    return torch.load(path / "checkpoint.pt", weights_only=True)
+    return run_digits(tmp_path, "--sample-every", "100", *extra, out=out)
 
 
 def _lines(path):
