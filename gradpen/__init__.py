@@ -3,7 +3,12 @@
 The public surface is what ``__all__`` lists; every other module is private.
 """
 
-from gradpen._approx import approx_gradient_penalty, approx_r1_penalty, approx_r2_penalty
+from gradpen._approx import (
+    approx_gradient_penalty,
+    approx_r1_penalty,
+    approx_r2_penalty,
+    approx_squared_norms_from,
+)
 from gradpen._args import shared
 from gradpen._guards import UnsupportedCriticError
 from gradpen._module import GradientPenalty, lazy_adam_kwargs
@@ -27,6 +32,7 @@ __all__ = [
     "approx_gradient_penalty",
     "approx_r1_penalty",
     "approx_r2_penalty",
+    "approx_squared_norms_from",
     "dragan_penalty",
     "gradient_norms",
     "gradient_norms_from",

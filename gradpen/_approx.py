@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from gradpen._args import CriticCall, resolve_critic_args
 from gradpen._checks import (
+    _type_name,
     as_inputs,
     check_choice,
     check_critic,
@@ -192,6 +193,75 @@ def _squared_norm(
     with _grad_mode(True):
         est = _estimate(critic, xs, sigma, draws, scheme, generator, critic_args, critic_kwargs)
         return _finish(est, est.detach().sqrt(), reduction, return_norms)
+
+
+def approx_squared_norms_from(outputs: Tensor, perturbed: Tensor, *, sigma: float) -> Tensor:
+    r"""Per-sample estimates of :math:`\lVert \nabla_x D(x) \rVert_2^2` from critic outputs you already have.
+
+    .. math::
+        \widehat{n^2_i} = \frac{1}{K}\sum_{k=1}^{K}
+            \Big(\frac{\mathrm{perturbed}_{kN+i} - \mathrm{outputs}_i}{\sigma}\Big)^2
+
+    with ``outputs`` :math:`= D(x)` and ``perturbed`` :math:`= D(x + \sigma\varepsilon_k)`,
+    :math:`\varepsilon_k \sim \mathcal N(0, I)`, stacked draw by draw (:math:`K N` rows; :math:`K = 1`
+    for one draw). It is the forward scheme of :func:`approx_r1_penalty` minus the forward, the
+    finite-difference twin of :func:`gradient_norms_from`: one critic call over
+    ``[real, fake, real + sigma * eps]`` gives the loss and the R1 estimate together, where
+    :func:`approx_r1_penalty` runs a forward of its own. Outputs are summed per sample and differenced
+    in float32 or wider; both arguments stay differentiable (no stop-gradient).
+
+    .. warning::
+        The estimate is right only if :math:`D(x)` and :math:`D(x + \sigma\varepsilon)` see the same
+        critic. In one forward over the stacked rows, dropout draws a different mask per row and
+        BatchNorm in training mode mixes the rows, so the quotient measures that noise divided by
+        :math:`\sigma`. Nothing here can detect it, because the critic is not seen; use
+        :func:`approx_r1_penalty` for such critics (it checks the modules and replays the RNG).
+
+    Args:
+        outputs (Tensor): the critic's scores at the clean batch, :math:`(N,)`, :math:`(N, 1)` or
+            :math:`(N, \dots)` (summed per sample).
+        perturbed (Tensor): the scores at :math:`x + \sigma\varepsilon_k`, :math:`(K N, \dots)`
+            with the same trailing shape, draw :math:`k` in rows :math:`kN` to :math:`kN + N - 1`.
+        sigma (float): the standard deviation :math:`\sigma > 0` the perturbations were drawn with.
+
+    Returns:
+        Tensor: the estimates :math:`(N,)`, float32 or wider. ``.mean()`` is the approximate R1
+        (or R2, or zero-centred GP, by which batch ``x`` is).
+
+    Raises:
+        TypeError: if ``outputs`` or ``perturbed`` is not a floating-point tensor, or ``sigma`` not a number.
+        ValueError: if ``sigma`` is not finite and positive, ``outputs`` has no batch dimension, or
+            ``perturbed`` is not :math:`K N` rows of the same trailing shape.
+
+    Example::
+
+        >>> critic = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = critic.weight.copy_(torch.tensor([[3.0, 4.0]]))
+        >>> real, fake, sigma = torch.randn(4096, 2), torch.randn(4096, 2), 0.01
+        >>> d_real, d_fake, d_pert = critic(torch.cat([real, fake, real + sigma * torch.randn_like(real)])).chunk(3)
+        >>> r1 = gradpen.approx_squared_norms_from(d_real, d_pert, sigma=sigma).mean()
+        >>> loss_d = d_fake.mean() - d_real.mean() + 5.0 * r1
+        >>> abs(r1.item() - 25.0) < 2.0  # ||w||^2 = 25, up to sampling noise
+        True
+    """
+    sigma = check_number(sigma, "sigma", low=0.0, strict=True)
+    if not isinstance(outputs, Tensor):
+        raise TypeError(f"`outputs` must be a Tensor, got {_type_name(outputs)}.")
+    if outputs.ndim == 0:
+        raise ValueError("`outputs` must hold one score per sample (N, ...), got a scalar (reduced with .mean()?).")
+    n = outputs.shape[0]
+    if not isinstance(perturbed, Tensor):
+        raise TypeError(f"`perturbed` must be a Tensor, got {_type_name(perturbed)}.")
+    rows = perturbed.shape[0] if perturbed.ndim else 0
+    if n == 0 or rows == 0 or rows % n or perturbed.shape[1:] != outputs.shape[1:]:
+        raise ValueError(
+            f"`perturbed` must stack K >= 1 draws shaped like `outputs` {tuple(outputs.shape)}, i.e. "
+            f"({', '.join([f'K*{n}', *map(str, outputs.shape[1:])])}); got {tuple(perturbed.shape)}."
+        )
+    clean = _scores(check_critic_output(outputs, n, "outputs"), n)
+    noisy = _scores(check_critic_output(perturbed, rows, "perturbed"), rows).view(rows // n, n)
+    return ((noisy - clean) / sigma).square().mean(0)
 
 
 def approx_r1_penalty(

@@ -373,6 +373,89 @@ def test_bad_critic_output_and_inputs():
         gradpen.approx_gradient_penalty(nn.Linear(3, 1), torch.randn(4, 3), torch.randn(5, 3))
 
 
+# ----------------------------------------------------------------------------- from outputs you already have
+
+
+@pytest.mark.parametrize("draws", [1, 3])
+def test_squared_norms_from_equals_approx_r1_with_the_same_eps(draws):
+    """One forward over [fake, real, real + sigma eps_1..K] gives approx_r1_penalty's estimates and parameter
+    gradients, with eps drawn the way approx_r1_penalty draws it (per draw, from the same generator)."""
+    critic = _smooth_critic().double()
+    n, sigma = 7, 0.05
+    real, fake = torch.randn(n, 5, dtype=torch.float64), torch.randn(n, 5, dtype=torch.float64)
+    want = gradpen.approx_r1_penalty(
+        critic, real, sigma=sigma, draws=draws, generator=torch.Generator().manual_seed(3), reduction="none"
+    )
+    critic.zero_grad()
+    want.sum().backward()
+    want_grads = _grads(critic)
+
+    g = torch.Generator().manual_seed(3)
+    pert = torch.cat([real + sigma * torch.randn(real.shape, generator=g, dtype=real.dtype) for _ in range(draws)])
+    out = critic(torch.cat([fake, real, pert]))
+    d_real, d_pert = out[n : 2 * n], out[2 * n :]
+    got = gradpen.approx_squared_norms_from(d_real, d_pert, sigma=sigma)
+    critic.zero_grad()
+    got.sum().backward()
+    assert got.shape == (n,) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(_grads(critic), want_grads, rtol=1e-9, atol=1e-12)
+
+
+def test_squared_norms_from_linear_critic_mean_is_w_squared():
+    """Linear critic, many draws: the mean estimate is ||w||^2 within Z standard errors (k = 1 comparison;
+    the estimates are (w . eps)^2, independent across samples and draws)."""
+    w = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    critic = lambda x: x @ w.T
+    g = torch.Generator().manual_seed(0)
+    n, k, sigma = 400, 5, 0.3
+    x = torch.randn(n, 3, dtype=torch.float64, generator=g)
+    pert = x.repeat(k, 1) + sigma * torch.randn(k * n, 3, dtype=torch.float64, generator=g)
+    per_draw = ((critic(pert).view(k, n) - critic(x).view(1, n)) / sigma).square().flatten()
+    est = gradpen.approx_squared_norms_from(critic(x), critic(pert), sigma=sigma)
+    torch.testing.assert_close(est, per_draw.view(k, n).mean(0))
+    se = per_draw.std() / math.sqrt(k * n)
+    assert abs(est.mean() - w.square().sum()) <= Z * se
+
+
+def test_squared_norms_from_precision():
+    """float64 outputs stay float64; fp16 and bf16 outputs are summed and differenced in float32."""
+    for dtype, want in [
+        (torch.float64, torch.float64),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ]:
+        out = torch.randn(4, 2).to(dtype)
+        assert gradpen.approx_squared_norms_from(out, out.repeat(2, 1), sigma=0.1).dtype == want
+    # (N, 2) outputs are summed per sample before the difference, in float32: 1024 + 1 is not lost in fp16
+    clean = torch.tensor([[1024.0, 0.0]], dtype=torch.float16)
+    pert = torch.tensor([[1024.0, 1.0]], dtype=torch.float16)
+    assert gradpen.approx_squared_norms_from(clean, pert, sigma=1.0).item() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("outputs", "perturbed", "sigma", "error", "match"),
+    [
+        (torch.randn(4, 1), torch.randn(6, 1), 0.1, ValueError, r"`perturbed` must stack K >= 1 draws shaped like "
+         r"`outputs` \(4, 1\), i.e. \(K\*4, 1\); got \(6, 1\)"),
+        (torch.randn(4, 1), torch.randn(8), 0.1, ValueError, r"i.e. \(K\*4, 1\); got \(8,\)"),
+        (torch.randn(4, 1), torch.randn(0, 1), 0.1, ValueError, r"got \(0, 1\)"),
+        (torch.randn(4), torch.randn(4), 0.0, ValueError, r"`sigma` must be > 0, got 0"),
+        (torch.randn(4), torch.randn(4), float("inf"), ValueError, r"`sigma` must be finite"),
+        (torch.randn(4), torch.randn(4), "0.1", TypeError, r"`sigma` must be a real number, got str"),
+        (torch.randn(4).mean(), torch.randn(4), 0.1, ValueError, r"`outputs` must hold one score per sample"),
+        ([1.0], torch.randn(4), 0.1, TypeError, r"`outputs` must be a Tensor, got list"),
+        (torch.randn(4), None, 0.1, TypeError, r"`perturbed` must be a Tensor, got NoneType"),
+        (torch.ones(4, dtype=torch.long), torch.ones(4, dtype=torch.long), 0.1, TypeError,
+         r"`outputs` must be a floating-point tensor, got torch.int64"),
+    ],
+)  # fmt: skip
+def test_squared_norms_from_bad_input(outputs, perturbed, sigma, error, match):
+    """Bad shapes, sigma or types: an error naming the argument, what was expected and what was got."""
+    with pytest.raises(error, match=match):
+        gradpen.approx_squared_norms_from(outputs, perturbed, sigma=sigma)
+
+
 # ----------------------------------------------------------------------------- where no double backward runs
 
 
