@@ -12,6 +12,12 @@ Several GPUs (the batch is global, split across ranks; only rank 0 logs and chec
 
     torchrun --standalone --nproc_per_node=4 examples/train_cifar.py --dataset cifar10 --data-dir data
 
+A transformer critic (``--critic vit``), sharded with FSDP2 across 2 CPU processes, trained with the
+double-backward-free R1 estimator (exact penalties cannot run through FSDP; see docs/examples.md):
+
+    torchrun --standalone --nproc_per_node=2 examples/train_cifar.py --dataset digits --critic vit \
+        --fsdp --penalty approx-r1 --gp-weight 5
+
 Continue an interrupted run with ``--resume`` (the checkpoint's config is used; flags that would change
 the run are refused, except ``--iters`` and ``--lr``, which are applied and recorded). Samples,
 ``metrics.jsonl`` and ``checkpoint.pt`` go to ``--out`` (default ``runs/DATASET``);
@@ -35,6 +41,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -75,6 +90,9 @@ DIGITS = {
     "eval_samples": 1000,  # the digits score uses 1000 samples
 }
 PENALTIES = ["wgan-gp", "r1", "r2", "dragan", "wgan-div"]  # the kinds of gradpen.GradientPenalty
+APPROX = ["approx-r1"]  # double-backward-free: gradpen.approx_r1_penalty (finite differences)
+# Flags added after the first checkpoints were written: an older checkpoint's config gets these values.
+ADDED_FLAGS = {"critic": "arch", "fsdp": False, "approx_sigma": 0.01, "approx_draws": 1}
 # Flags that steer a run without changing what it computes: free to differ on --resume.
 RUN_CONTROL = {"out", "resume", "stop_at", "log_every", "sample_every", "ckpt_every", "eval_every", "eval_samples",
                "inception_weights", "workers", "device", "data_dir", "compile"}  # fmt: skip
@@ -110,6 +128,7 @@ def _parser(explicit_only: bool = False) -> OneLineParser:
     a("--data-dir", help="CIFAR-10 root (downloaded there if online) or the image folder")
     a("--image-size", type=int, help="32 (default) or 64; 8 (default) or 16 for --arch mlp")
     a("--arch", choices=sorted(models.ARCHS), help="default: resnet; mlp for --dataset digits")
+    a("--critic", choices=list(models.CRITICS), default="arch", help="arch: the critic of --arch; vit: a ViT")
     a("--dim", type=int, help="network width (default: 128; 64 for --dataset digits)")
     a("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global critic batch")
     a("--n-critic", type=int, default=DEFAULTS["n_critic"])
@@ -117,15 +136,18 @@ def _parser(explicit_only: bool = False) -> OneLineParser:
     a("--lr", type=float, help="Adam LR (default: 2e-4 resnet, 1e-4 dcgan, 5e-4 mlp)")
     a("--beta1", type=float, help="Adam beta1 (default: 0 resnet, 0.5 dcgan and mlp); beta2 is 0.9")
     a("--lr-decay", choices=["auto", "linear", "none"], default="auto", help="auto: linear for resnet and mlp")
-    a("--penalty", choices=PENALTIES, default="wgan-gp", help="gradpen penalty kind (GradientPenalty(kind=...))")
+    a("--penalty", choices=PENALTIES + APPROX, default="wgan-gp", help="gradpen penalty kind, or approx-r1")
     a("--gp-weight", type=float, default=DEFAULTS["gp_weight"], help="penalty weight lambda")
     a("--gp-every", type=int, default=1, help="lazy regularisation: penalty every k critic steps, times k")
     a("--center", type=float, default=1.0, help="target gradient norm (wgan-gp, dragan)")
     a("--one-sided", action="store_true", help="one-sided penalty max(0, |g| - center)^2 (Petzka et al.)")
+    a("--approx-sigma", type=float, default=0.01, help="approx-r1: std of the perturbation per element")
+    a("--approx-draws", type=int, default=1, help="approx-r1: perturbations per sample")
     a("--backend", choices=["autograd", "func"], default="autograd", help="gradpen backend")
     a("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast; fp16 adds a GradScaler")
     a("--ema", type=float, help="EMA decay of the generator for samples/eval (0: off; default 0, digits 0.999)")
     a("--compile", action="store_true", help="torch.compile both networks (the penalty then uses torch.func)")
+    a("--fsdp", action="store_true", help="shard the critic with FSDP2 (torchrun, or 1 process); approx-r1 only")
     a("--seed", type=int, default=0, help=f"0 to {SEED_MAX}")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--out", help="output directory (default: runs/DATASET)")
@@ -169,11 +191,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(p: OneLineParser, args: argparse.Namespace):
     """Every flag in range, or one line naming it (exit status 2)."""
-    positive = ["dim", "batch_size", "n_critic", "iters", "gp_every", "log_every", "sample_every", "ckpt_every"]
+    positive = ["dim", "batch_size", "n_critic", "iters", "gp_every", "log_every", "sample_every", "ckpt_every",
+                "approx_draws"]  # fmt: skip
     for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "gp_weight", "center", "ema", "beta1"):
+    for name in ("lr", "gp_weight", "center", "ema", "beta1", "approx_sigma"):
         if not math.isfinite(getattr(args, name)):
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     for name in ("gp_weight", "center", "eval_every", "workers"):
@@ -190,6 +213,8 @@ def check_args(p: OneLineParser, args: argparse.Namespace):
         p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.lr <= 0:
         p.error(f"--lr must be > 0, got {args.lr}")
+    if args.approx_sigma <= 0:
+        p.error(f"--approx-sigma must be > 0, got {args.approx_sigma}")
     if not 0.0 <= args.beta1 < 1.0:
         p.error(f"--beta1 must be in [0, 1), got {args.beta1}")
     if args.dataset == "folder" and not args.data_dir:
@@ -200,8 +225,14 @@ def check_args(p: OneLineParser, args: argparse.Namespace):
         p.error(f"--stop-at must be in [1, --iters={args.iters}], got {args.stop_at}")
     if args.eval_samples < 10:
         p.error(f"--eval-samples must be >= 10, got {args.eval_samples}")
-    if args.penalty in ("r1", "r2", "wgan-div") and (args.one_sided or args.center != 1.0):
+    if args.penalty in ("r1", "r2", "wgan-div", "approx-r1") and (args.one_sided or args.center != 1.0):
         p.error(f"--center/--one-sided do not apply to --penalty {args.penalty}")
+    if args.penalty in APPROX and "backend" in args.explicit:
+        p.error(f"--backend does not apply to --penalty {args.penalty} (it forms no input gradient)")
+    if args.penalty not in APPROX and args.explicit & {"approx_sigma", "approx_draws"}:
+        p.error(f"--approx-sigma/--approx-draws apply to --penalty approx-r1, not {args.penalty}")
+    if args.critic == "vit" and args.dim % 4:
+        p.error(f"--dim must be a multiple of 4 (attention heads) for --critic vit, got {args.dim}")
     if args.inception_weights and not Path(args.inception_weights).is_file():
         p.error(f"--inception-weights {args.inception_weights!r} is not a file")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -237,7 +268,8 @@ def load_weights(module: nn.Module, state: dict, what: str, path: Path, config: 
     mine = module.state_dict()
     for k, v in state.items():
         if k in mine and isinstance(v, torch.Tensor) and v.shape != mine[k].shape:
-            net = f"--arch {config['arch']} --dim {config['dim']} --image-size {config['image_size']}"
+            net = f"--arch {config['arch']} --critic {config.get('critic', 'arch')} --dim {config['dim']} "
+            net += f"--image-size {config['image_size']}"
             raise SystemExit(
                 f"{prog}: error: checkpoint {str(path)!r} does not fit {net}: its {what} {k} has shape "
                 f"{tuple(v.shape)}, the network {tuple(mine[k].shape)}"
@@ -258,7 +290,7 @@ def merge_resume_config(args: argparse.Namespace, ck: dict, path: Path) -> tuple
     Any other flag given now that differs from the checkpoint is refused with one line naming the
     flags and both values. Returns the merged config and the list of applied changes.
     """
-    saved = ck["config"]
+    saved = {**ADDED_FLAGS, **ck["config"]}
     merged = argparse.Namespace(**saved)
     differ, applied = [], []
     for name in sorted(args.explicit):
@@ -395,6 +427,10 @@ def setup_distributed(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world == 1 and args.fsdp:  # FSDP2 needs a process group, also of one process (legal: nothing is sharded)
+        dist.init_process_group(
+            "nccl" if args.device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
     if world == 1:
         return 0, 1, torch.device(args.device)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -465,6 +501,36 @@ def to_unit(x_uint8: torch.Tensor, device) -> torch.Tensor:
     return x_uint8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
 
 
+class ApproxR1(nn.Module):
+    """``--penalty approx-r1``: weight * gradpen.approx_r1_penalty, called like gradpen.GradientPenalty.
+
+    GradientPenalty holds the exact kinds; this keeps its face for the loop: lazy regularisation
+    (computed on one call in ``every``, times ``every``), the call counter in ``state_dict()`` (exact
+    resume) and ``last_norms`` (the estimated norms, logged as ``grad_norm``). The estimate has the
+    mean of exact R1's E||grad D(real)||^2, so the same weight applies.
+    """
+
+    def __init__(self, weight: float, sigma: float, draws: int, every: int):
+        super().__init__()
+        self.weight, self.sigma, self.draws, self.every = weight, sigma, draws, every
+        self.calls, self.last_norms = 0, None
+
+    def forward(self, critic, real, fake, scaler=None):  # R1 uses no fake; no input gradient, so no GradScaler
+        if self.calls % self.every:
+            self.calls += 1
+            return torch.zeros((), device=real.device)
+        est, norms = gradpen.approx_r1_penalty(critic, real, sigma=self.sigma, draws=self.draws, return_norms=True)
+        self.calls += 1
+        self.last_norms = norms
+        return est * (self.weight * self.every)
+
+    def get_extra_state(self) -> dict:
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: dict):
+        self.calls = int(state["calls"])
+
+
 LOG_KEYS = ["loss_d", "wasserstein", "gp", "grad_norm", "loss_g"]  # the sums kept for a log line
 FP16_OVERFLOW_STREAK = 50  # fp16: this many non-finite critic steps in a row is a divergence, not an overflow
 
@@ -497,18 +563,43 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # same initial weights on every rank
     images = load_images(args)
     channels = images.shape[1]
-    gen, critic = models.build(args.arch, args.dim, args.image_size, channels)
+    gen, critic = models.build(args.arch, args.dim, args.image_size, channels, args.critic)
     gen, critic = gen.to(device), critic.to(device)
     ema = copy.deepcopy(gen).eval().requires_grad_(False) if args.ema > 0 else None
+    if ck is not None:  # the weights before wrapping: DDP broadcasts them, fully_shard shards them
+        if ck.get("images") not in (None, len(images)):
+            fail(f"the dataset has {len(images)} images; the checkpoint {str(ckpt_path)!r} trained on {ck['images']}")
+        load_weights(gen, ck["generator"], "generator", ckpt_path, ck["config"])
+        load_weights(critic, ck["critic"], "critic", ckpt_path, ck["config"])
+        if ema is not None:
+            load_weights(ema, ck["ema"], "EMA generator", ckpt_path, ck["config"])
+    if args.fsdp:  # FSDP2: each rank keeps a shard of every critic parameter (DTensors); G stays replicated
+        fully_shard(critic, mesh=init_device_mesh(device.type, (world,)))
+        gen = DDP(gen) if world > 1 else gen
+    elif world > 1:
+        gen, critic = DDP(gen), DDP(critic)  # broadcast rank 0's weights; gradients are averaged
+    if args.fsdp and args.penalty in PENALTIES:  # gradpen refuses exact penalties through FSDP: ask it before step 1
+        try:
+            gradpen.gradient_norms(critic, torch.zeros(2, channels, args.image_size, args.image_size, device=device))
+        except gradpen.UnsupportedCriticError as e:
+            if rank == 0:
+                here = "In this trainer: --penalty approx-r1, or no --fsdp (DDP under torchrun)."
+                print(f"train_cifar.py: error: --fsdp --penalty {args.penalty}: {e} {here}", file=sys.stderr)
+            raise SystemExit(2) from None
+    if args.compile:
+        gen, critic = torch.compile(gen), torch.compile(critic)
     betas = (args.beta1, DEFAULTS["betas"][args.arch][1])  # beta2 = 0.9 in both scripts
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=betas)
     opt_d = torch.optim.Adam(critic.parameters(), lr=args.lr, betas=betas)
     decay = (lambda it: max(0.0, 1.0 - it / args.iters)) if args.lr_decay == "linear" else (lambda it: 1.0)
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, decay)
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, decay)
-    penalty = gradpen.GradientPenalty(
-        args.gp_weight, args.center, args.one_sided, kind=args.penalty, backend=args.backend, every=args.gp_every
-    )
+    if args.penalty in APPROX:
+        penalty = ApproxR1(args.gp_weight, args.approx_sigma, args.approx_draws, every=args.gp_every)
+    else:
+        penalty = gradpen.GradientPenalty(
+            args.gp_weight, args.center, args.one_sided, kind=args.penalty, backend=args.backend, every=args.gp_every
+        )
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     fixed_z = torch.randn(100, models.Z_DIM, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
@@ -516,15 +607,13 @@ def main(argv=None):
     acc = torch.zeros(len(LOG_KEYS), device=device, dtype=torch.float64)  # sums for the log line, synced when logging
     acc_n = torch.zeros(4, device=device, dtype=torch.float64)  # finite G steps, D steps, D steps with penalty; G steps
     if ck is not None:
-        if ck.get("images") not in (None, len(images)):
-            fail(f"the dataset has {len(images)} images; the checkpoint {str(ckpt_path)!r} trained on {ck['images']}")
-        load_weights(gen, ck["generator"], "generator", ckpt_path, ck["config"])
-        load_weights(critic, ck["critic"], "critic", ckpt_path, ck["config"])
-        if ema is not None:
-            load_weights(ema, ck["ema"], "EMA generator", ckpt_path, ck["config"])
-        for obj, key in [(opt_g, "opt_g"), (opt_d, "opt_d"), (sched_g, "sched_g"), (sched_d, "sched_d"),
-                         (penalty, "penalty"), (scaler, "scaler")]:  # fmt: skip
+        for obj, key in [(opt_g, "opt_g"), (sched_g, "sched_g"), (sched_d, "sched_d"), (penalty, "penalty"),
+                         (scaler, "scaler")]:  # fmt: skip
             obj.load_state_dict(ck[key])
+        if args.fsdp:  # the checkpoint holds the full optimizer state (keyed by parameter name): shard it
+            set_optimizer_state_dict(unwrap(critic), opt_d, ck["opt_d"], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt_d.load_state_dict(ck["opt_d"])
         for change in applied:
             if change["iter"] == ck["iter"] and change["flag"] == "--lr":  # applied now: restart the decay from it
                 for sched in (sched_g, sched_d):
@@ -557,10 +646,6 @@ def main(argv=None):
         os.replace(tmp, metrics_path)
     batches = ShardedBatches(len(images), per_rank, args.seed, rank, world, consumed)
     flip = args.dataset != "digits"  # horizontal flips for natural images, never for digits
-    if world > 1:
-        gen, critic = DDP(gen), DDP(critic)  # broadcast rank 0's weights; gradients are averaged
-    if args.compile:
-        gen, critic = torch.compile(gen), torch.compile(critic)
     amp = (
         torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
         if args.amp != "none"
@@ -595,12 +680,18 @@ def main(argv=None):
             dist.all_gather_object(logs, mine)
         else:
             rngs, counts, logs = [rng_state(device)], [batches.consumed], [mine]
+        if args.fsdp:  # collective: the full critic and its optimizer state, gathered to rank 0's CPU
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            critic_state = get_model_state_dict(unwrap(critic), options=full)
+            opt_d_state = get_optimizer_state_dict(unwrap(critic), opt_d, options=full)
+        else:
+            critic_state, opt_d_state = unwrap(critic).state_dict(), opt_d.state_dict()
         if rank == 0:
             config = {k: v for k, v in vars(args).items() if k != "explicit"}
             state = {
-                "generator": unwrap(gen).state_dict(), "critic": unwrap(critic).state_dict(),
+                "generator": unwrap(gen).state_dict(), "critic": critic_state,
                 "ema": ema.state_dict() if ema is not None else None,
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                "opt_g": opt_g.state_dict(), "opt_d": opt_d_state,
                 "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
                 "penalty": penalty.state_dict(), "scaler": scaler.state_dict(),
                 "rng": rngs, "batches": counts, "iter": it, "config": config, "world": world, "channels": channels,
@@ -689,7 +780,7 @@ def main(argv=None):
                 if progress is not None:
                     progress.update(1)
                 continue
-            weights = [p for m in (gen, critic) for p in m.parameters()]
+            weights = [p.to_local() if isinstance(p, DTensor) else p for m in (gen, critic) for p in m.parameters()]
             bad |= ~torch.stack([torch.isfinite(p).all() for p in weights]).all()  # NaN weights: diverged
             if world > 1:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -743,7 +834,7 @@ def main(argv=None):
                     print(f"stopped at generator step {it} (--stop-at); continue with --resume")
                 break
         if world > 1:
-            check_replicas(unwrap(gen), unwrap(critic), rank)
+            check_replicas(unwrap(gen), None if args.fsdp else unwrap(critic), rank)
     finally:
         if progress is not None:
             progress.close()
@@ -751,18 +842,20 @@ def main(argv=None):
             metrics.close()
         if writer is not None:
             writer.close()
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def check_replicas(gen, critic, rank):
-    """Every rank must hold bit-identical weights after a DDP run; raise otherwise."""
-    mine = torch.cat([p.detach().reshape(-1).double().cpu() for m in (gen, critic) for p in m.parameters()])
+    """Every rank must hold bit-identical weights after a DDP run; raise otherwise (``critic=None``: sharded)."""
+    nets = (gen,) if critic is None else (gen, critic)
+    mine = torch.cat([p.detach().reshape(-1).double().cpu() for m in nets for p in m.parameters()])
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine.to(next(critic.parameters()).device))
+    dist.all_gather(gathered, mine.to(next(gen.parameters()).device))
     same = all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
+    what = " of the generator; the critic is sharded (FSDP)" if critic is None else ""
     if rank == 0:
-        print(f"DDP replicas identical: {same} ({dist.get_world_size()} ranks, {mine.numel()} parameters)")
+        print(f"DDP replicas identical: {same} ({dist.get_world_size()} ranks, {mine.numel()} parameters{what})")
     if not same:
         raise RuntimeError("DDP replicas diverged: the ranks hold different weights")
 
