@@ -227,9 +227,9 @@ def check_args(p: OneLineParser, args: argparse.Namespace):
         p.error(f"--eval-samples must be >= 10, got {args.eval_samples}")
     if args.penalty in ("r1", "r2", "wgan-div", "approx-r1") and (args.one_sided or args.center != 1.0):
         p.error(f"--center/--one-sided do not apply to --penalty {args.penalty}")
-    if args.penalty in APPROX and "backend" in args.explicit:
+    if args.penalty in APPROX and "backend" in args.explicit and not args.resume:  # resume: the checkpoint's kind
         p.error(f"--backend does not apply to --penalty {args.penalty} (it forms no input gradient)")
-    if args.penalty not in APPROX and args.explicit & {"approx_sigma", "approx_draws"}:
+    if args.penalty not in APPROX and args.explicit & {"approx_sigma", "approx_draws"} and not args.resume:
         p.error(f"--approx-sigma/--approx-draws apply to --penalty approx-r1, not {args.penalty}")
     if args.critic == "vit" and args.dim % 4:
         p.error(f"--dim must be a multiple of 4 (attention heads) for --critic vit, got {args.dim}")
@@ -585,6 +585,7 @@ def main(argv=None):
             if rank == 0:
                 here = "In this trainer: --penalty approx-r1, or no --fsdp (DDP under torchrun)."
                 print(f"train_cifar.py: error: --fsdp --penalty {args.penalty}: {e} {here}", file=sys.stderr)
+            dist.destroy_process_group()
             raise SystemExit(2) from None
     if args.compile:
         gen, critic = torch.compile(gen), torch.compile(critic)
