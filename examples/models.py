@@ -235,7 +235,8 @@ class ViTCritic(nn.Module):
 
     def forward(self, x):
         tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos  # (N, T, dim)
-        return self.output(self.norm(self.blocks(tokens)).mean(1)).squeeze(1)
+        # (N, 1) -> (N,) by a sum, not squeeze: FSDP2 warns when a module returns a view (in-place ops on it)
+        return self.output(self.norm(self.blocks(tokens)).mean(1)).sum(1)
 
 
 ARCHS = {
