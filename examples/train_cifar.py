@@ -268,8 +268,8 @@ def load_weights(module: nn.Module, state: dict, what: str, path: Path, config: 
     mine = module.state_dict()
     for k, v in state.items():
         if k in mine and isinstance(v, torch.Tensor) and v.shape != mine[k].shape:
-            net = f"--arch {config['arch']} --critic {config.get('critic', 'arch')} --dim {config['dim']} "
-            net += f"--image-size {config['image_size']}"
+            net = f"--arch {config['arch']} --dim {config['dim']} --image-size {config['image_size']}"
+            net += f" --critic {config['critic']}" if config.get("critic", "arch") != "arch" else ""
             raise SystemExit(
                 f"{prog}: error: checkpoint {str(path)!r} does not fit {net}: its {what} {k} has shape "
                 f"{tuple(v.shape)}, the network {tuple(mine[k].shape)}"
