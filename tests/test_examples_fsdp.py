@@ -13,7 +13,8 @@ import torch.distributed as dist
 from tests._examples import assert_same_tensors, checkpoint_state, run_digits, torchrun_digits, train_lines
 
 pytestmark = pytest.mark.slow
-FSDP = ["--critic", "vit", "--penalty", "approx-r1", "--fsdp", "--gp-every", "2", "--ckpt-every", "2"]
+# --iters 5 with --stop-at: no run reaches the end, so none trains the digits scorer (seconds per process)
+FSDP = ["--critic", "vit", "--penalty", "approx-r1", "--fsdp", "--gp-every", "2", "--ckpt-every", "2", "--iters", "5"]
 STATE_KEYS = ["generator", "critic", "ema", "opt_g", "opt_d", "sched_g", "sched_d", "penalty", "rng", "batches", "log"]
 
 
@@ -26,7 +27,7 @@ def _ok(proc):
 def fsdp_run(tmp_path_factory):
     """One uninterrupted 4-step FSDP run on 2 processes, shared by the tests below."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    proc = _ok(torchrun_digits(tmp, *FSDP, "--iters", "4", "--ema", "0.9", out="full"))
+    proc = _ok(torchrun_digits(tmp, *FSDP, "--stop-at", "4", "--ema", "0.9", out="full"))
     return tmp / "full", proc
 
 
@@ -35,14 +36,19 @@ def test_fsdp_two_processes_train_and_resume_bit_for_bit(fsdp_run, tmp_path):
     the checkpoint is a weights_only file holding the full critic, and generate.py samples from it."""
     full, proc = fsdp_run
     assert "DDP replicas identical: True (2 ranks" in proc.stdout and "the critic is sharded (FSDP)" in proc.stdout
-    _ok(torchrun_digits(tmp_path, *FSDP, "--iters", "4", "--ema", "0.9", "--stop-at", "2", out="part"))
+    _ok(torchrun_digits(tmp_path, *FSDP, "--ema", "0.9", "--stop-at", "2", out="part"))
     assert checkpoint_state(tmp_path / "part")["iter"] == 2
-    assert "resumed from" in _ok(torchrun_digits(tmp_path, *FSDP, "--iters", "4", "--resume", out="part")).stdout
+    assert "resumed from" in _ok(torchrun_digits(tmp_path, *FSDP, "--stop-at", "4", "--resume", out="part")).stdout
     a, b = checkpoint_state(full), checkpoint_state(tmp_path / "part")
     for key in STATE_KEYS:
         assert_same_tensors(a[key], b[key], key)
     assert train_lines(full) == train_lines(tmp_path / "part") and len(train_lines(full)) == 4
-    assert a["world"] == 2 and a["config"]["fsdp"] and a["critic"]["pos"].shape == (1, 16, 8)  # unsharded
+    assert (
+        a["iter"] == b["iter"] == 4
+        and a["world"] == 2
+        and a["config"]["fsdp"]
+        and a["critic"]["pos"].shape == (1, 16, 8)
+    )  # unsharded
     assert set(a["opt_d"]["state"]) == set(a["critic"])  # the full optimizer state, keyed by parameter name
     generate.main(["--checkpoint", str(full / "checkpoint.pt"), "--num", "3", "--out", str(tmp_path / "s.npz")])
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 8, 1)
@@ -52,7 +58,7 @@ def test_fsdp_two_processes_equal_ddp_bit_for_bit(fsdp_run, tmp_path):
     """The same run with the critic under DDP instead of FSDP reaches bit-identical weights and optimizer state."""
     full, _ = fsdp_run
     ddp = [x for x in FSDP if x != "--fsdp"]
-    _ok(torchrun_digits(tmp_path, *ddp, "--iters", "4", "--ema", "0.9", out="ddp"))
+    _ok(torchrun_digits(tmp_path, *ddp, "--stop-at", "4", "--ema", "0.9", out="ddp"))
     a, b = checkpoint_state(full), checkpoint_state(tmp_path / "ddp")
     for key in ["generator", "critic", "ema"]:
         assert_same_tensors(a[key], b[key], key)
@@ -75,7 +81,7 @@ def test_fsdp_exact_penalty_exits_at_startup_with_one_line(tmp_path):
 def test_fsdp_on_one_process_equals_the_unsharded_run(tmp_path, capsys):
     """--fsdp without torchrun (a 1-process group) trains bit-identically to the same run without --fsdp;
     an exact penalty is refused there too, with exit status 2, before any step."""
-    common = ["--critic", "vit", "--penalty", "approx-r1", "--iters", "2", "--sample-every", "100"]
+    common = ["--critic", "vit", "--penalty", "approx-r1", "--iters", "3", "--stop-at", "2", "--sample-every", "100"]
     a = checkpoint_state(run_digits(tmp_path, *common, "--fsdp", out="fsdp"))
     b = checkpoint_state(run_digits(tmp_path, *common, out="plain"))
     for key in ["generator", "critic", "ema", "rng"]:
