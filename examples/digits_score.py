@@ -72,7 +72,7 @@ def non_digits(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> dict[str
 def train_classifier(seed: int = 0, steps: int = 6000, batch: int = 128) -> nn.Module:
     """The 11-class MLP (10 digits + "not a digit"), Adam on minibatches (~300 epochs); seconds on a CPU."""
     (xtr, ytr), _ = _split(seed)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch.enable_grad():  # also when called under no_grad
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         kinds = non_digits(xtr, ytr, g).values()
