@@ -92,7 +92,7 @@ DIGITS = {
 PENALTIES = ["wgan-gp", "r1", "r2", "dragan", "wgan-div"]  # the kinds of gradpen.GradientPenalty
 APPROX = ["approx-r1"]  # double-backward-free: gradpen.approx_r1_penalty (finite differences)
 # Flags added after the first checkpoints were written: an older checkpoint's config gets these values.
-ADDED_FLAGS = {"critic": "arch", "fsdp": False, "approx_sigma": 0.01, "approx_draws": 1}
+ADDED_FLAGS = {"critic": "arch", "fsdp": False, "approx_sigma": 0.01, "approx_draws": 1, "loss": "wgan"}
 # Flags that steer a run without changing what it computes: free to differ on --resume.
 RUN_CONTROL = {"out", "resume", "stop_at", "log_every", "sample_every", "ckpt_every", "eval_every", "eval_samples",
                "inception_weights", "workers", "device", "data_dir", "compile"}  # fmt: skip
@@ -137,6 +137,12 @@ def _parser(explicit_only: bool = False) -> OneLineParser:
     a("--beta1", type=float, help="Adam beta1 (default: 0 resnet, 0.5 dcgan and mlp); beta2 is 0.9")
     a("--lr-decay", choices=["auto", "linear", "none"], default="auto", help="auto: linear for resnet and mlp")
     a("--penalty", choices=PENALTIES + APPROX, default="wgan-gp", help="gradpen penalty kind, or approx-r1")
+    a(
+        "--loss",
+        choices=["wgan", "logistic"],
+        default="wgan",
+        help="wgan: D(fake) - D(real) (paper); logistic: the non-saturating loss R1 is usually paired with",
+    )
     a("--gp-weight", type=float, default=DEFAULTS["gp_weight"], help="penalty weight lambda")
     a("--gp-every", type=int, default=1, help="lazy regularisation: penalty every k critic steps, times k")
     a("--center", type=float, default=1.0, help="target gradient norm (wgan-gp, dragan)")
@@ -724,6 +730,7 @@ def main(argv=None):
     try:
         for it in range(start + 1, args.iters + 1):
             # ---- critic: n_critic steps of  D(fake) - D(real) + lambda * penalty  (paper, Alg. 1)
+            #      or, --loss logistic, softplus(D(fake)) + softplus(-D(real)) + lambda * penalty
             critic.requires_grad_(True)
             for _ in range(args.n_critic):
                 real = images[batches.next()]
@@ -738,7 +745,10 @@ def main(argv=None):
                     scores = critic(torch.cat([real, fake])).float()
                     d_real, d_fake = scores[:per_rank].mean(), scores[per_rank:].mean()
                     gp = penalty(critic, real, fake, scaler=scaler)  # lambda * penalty (0 on lazy-skipped steps)
-                loss_d = d_fake - d_real + gp
+                if args.loss == "wgan":
+                    loss_d = d_fake - d_real + gp
+                else:
+                    loss_d = F.softplus(scores[per_rank:]).mean() + F.softplus(-scores[:per_rank]).mean() + gp
                 opt_d.zero_grad(set_to_none=True)
                 scaler.scale(loss_d).backward()
                 scaler.step(opt_d)
@@ -753,11 +763,12 @@ def main(argv=None):
                 step = torch.stack([loss_d, d_real - d_fake, gp, norms, torch.zeros((), device=device)])
                 acc += torch.where(finite, step.double().detach(), 0.0)  # fp16: skipped steps are not averaged
                 acc_n[1:3] += torch.stack([finite, finite & active]).double()
-            # ---- generator: one step of -D(G(z)) on a 2x batch (GEN_BS_MULTIPLE = 2)
+            # ---- generator: one step of -D(G(z)) (logistic: softplus(-D(G(z)))) on a 2x batch (GEN_BS_MULTIPLE = 2)
             critic.requires_grad_(False)
             z = torch.randn(2 * per_rank, models.Z_DIM, device=device)
             with amp:
-                loss_g = -unwrap(critic)(gen(z)).float().mean()  # the bare critic: no DDP sync of its unused grads
+                d_gen = unwrap(critic)(gen(z)).float()  # the bare critic: no DDP sync of its unused grads
+                loss_g = -d_gen.mean() if args.loss == "wgan" else F.softplus(-d_gen).mean()
             opt_g.zero_grad(set_to_none=True)
             scaler.scale(loss_g).backward()
             scaler.step(opt_g)

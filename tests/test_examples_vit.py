@@ -189,3 +189,27 @@ def test_bad_vit_and_approx_flags_give_one_line_naming_the_flag(argv, message, c
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_logistic_loss_is_the_non_saturating_loss_plus_the_penalty(tmp_path, monkeypatch):
+    """--loss logistic: each logged loss_d is softplus(D(fake)) + softplus(-D(real)) (means) plus the R1 penalty
+    applied, with D the critic before that step's update (one critic step per log line)."""
+    calls = []
+
+    class Recording(gradpen.GradientPenalty):
+        def forward(self, critic, real, fake, **kwargs):
+            calls.append((copy.deepcopy(train_cifar.unwrap(critic)), real.clone(), fake.clone()))
+            return super().forward(critic, real, fake, **kwargs)
+
+    monkeypatch.setattr(train_cifar.gradpen, "GradientPenalty", Recording)
+    out = run_digits(tmp_path, "--loss", "logistic", "--penalty", "r1", "--gp-weight", "5", "--n-critic", "1",
+                     "--iters", "3", "--sample-every", "100")  # fmt: skip
+    lines = train_lines(out)
+    assert len(calls) == len(lines) == 3
+    for (critic, real, fake), line in zip(calls, lines, strict=True):
+        scores = critic(torch.cat([real, fake])).float()
+        d_real, d_fake = scores[: len(real)], scores[len(real) :]
+        loss = torch.nn.functional.softplus(d_fake).mean() + torch.nn.functional.softplus(-d_real).mean()
+        assert line["gp"] > 0
+        assert line["loss_d"] == pytest.approx(loss.item() + line["gp"], rel=1e-5)
+        assert line["wasserstein"] == pytest.approx((d_real.mean() - d_fake.mean()).item(), rel=1e-5)
