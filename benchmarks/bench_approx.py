@@ -8,6 +8,7 @@ Cost. For each critic (the trainer's DCGAN and ResNet critics, 3x32x32, batch 64
 update, WGAN loss + weight * penalty + backward + Adam step, for:
 
     plain          the WGAN critic step, no penalty: one forward over [fake, real]
+    plain-2fwd     the same step with two forwards, D(fake) and D(real) (how many trainers write it)
     exact-r1       gradpen.r1_penalty (double backward)
     approx         gradpen.approx_r1_penalty(draws=1), forward scheme: one fused forward over [x, x + s eps]
     approx-central gradpen.approx_r1_penalty(draws=1, scheme="central")
@@ -64,6 +65,7 @@ def make_variants():
 
     return {
         "plain": plain,
+        "plain-2fwd": lambda c, real, fake: c(fake).mean() - c(real).mean(),
         "exact-r1": lambda c, real, fake: plain(c, real, fake) + WEIGHT * gradpen.r1_penalty(c, real),
         "approx": approx(),
         "approx-central": approx(scheme="central"),

@@ -55,13 +55,13 @@ def test_resume_refuses_flags_that_differ_from_the_checkpoint(tmp_path, capsys):
 def test_resume_applies_a_new_lr_and_records_it(tmp_path, capsys):
     """--lr on resume is applied to both optimizers, saved in the config and recorded with its old value."""
     _run(tmp_path, "--iters", "3", "--stop-at", "1", "--lr-decay", "none")
-    _run(tmp_path, "--iters", "3", "--resume", "--lr", "1e-3")
-    assert "applied --lr 0.001 (the checkpoint had 0.0005)" in capsys.readouterr().out
+    _run(tmp_path, "--iters", "3", "--resume", "--lr", "2e-3")
+    assert "applied --lr 0.002 (the checkpoint had 0.001)" in capsys.readouterr().out
     state = _state(tmp_path / "run")
-    assert state["config"]["lr"] == 1e-3
-    assert state["applied"] == [{"iter": 1, "flag": "--lr", "old": 5e-4, "new": 1e-3}]
-    assert [g["lr"] for k in ("opt_g", "opt_d") for g in state[k]["param_groups"]] == [1e-3, 1e-3]
-    assert _lines(tmp_path / "run")[-2]["lr"] == 1e-3
+    assert state["config"]["lr"] == 2e-3
+    assert state["applied"] == [{"iter": 1, "flag": "--lr", "old": 1e-3, "new": 2e-3}]
+    assert [g["lr"] for k in ("opt_g", "opt_d") for g in state[k]["param_groups"]] == [2e-3, 2e-3]
+    assert _lines(tmp_path / "run")[-2]["lr"] == 2e-3
 
 
 def test_resume_keeps_the_checkpoints_ema_and_refuses_to_drop_it(tmp_path, capsys):
