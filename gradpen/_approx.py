@@ -200,9 +200,9 @@ def approx_squared_norms_from(outputs: Tensor, perturbed: Tensor, *, sigma: floa
 
     .. math::
         \widehat{n^2_i} = \frac{1}{K}\sum_{k=1}^{K}
-            \Big(\frac{\mathrm{perturbed}_{kN+i} - \mathrm{outputs}_i}{\sigma}\Big)^2
+            \Big(\frac{p_{kN+i} - o_i}{\sigma}\Big)^2
 
-    with ``outputs`` :math:`= D(x)` and ``perturbed`` :math:`= D(x + \sigma\varepsilon_k)`,
+    with :math:`o` = ``outputs`` :math:`= D(x)` and :math:`p` = ``perturbed`` :math:`= D(x + \sigma\varepsilon_k)`,
     :math:`\varepsilon_k \sim \mathcal N(0, I)`, stacked draw by draw (:math:`K N` rows; :math:`K = 1`
     for one draw). It is the forward scheme of :func:`approx_r1_penalty` minus the forward, the
     finite-difference twin of :func:`gradient_norms_from`: one critic call over
