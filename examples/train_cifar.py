@@ -79,7 +79,7 @@ DEFAULTS = {
     "eval_samples": 50_000,  # 50k samples for IS/FID (paper)
 }
 # --dataset digits: scikit-learn's 1797 8x8 digits, for a run that gives clear digits in minutes on 2 CPU cores.
-# The loss (WGAN-GP, lambda 10, 5 critic steps, batch 64, 2x batch for G) stays the paper's; the scale changes.
+# The loss (WGAN-GP, lambda 10, 5 critic steps, 2x batch for G) stays the paper's; the scale changes (batch too).
 DIGITS = {
     "arch": "mlp",  # MLPs 128-256-256-64 (G) and 64-256-256-1 (D): ~30x cheaper per step than dcgan at 32x32
     "image_size": 8,  # the digits' own size: no invented pixels (sample grids are enlarged 4x, nearest)
