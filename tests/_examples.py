@@ -42,12 +42,16 @@ def assert_same_tensors(a, b, where=""):
         assert a == b, where
 
 
-def train_lines(path):
-    """The training lines of a run's metrics.jsonl (not the evaluations), without the timing field."""
+def metric_records(path):
+    """Every record of a run's metrics.jsonl, training and evaluation lines, in order."""
     import json
 
-    lines = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "img_per_s"} for r in lines if not r.get("eval")]
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_lines(path):
+    """The training lines of a run's metrics.jsonl (not the evaluations), without the timing field."""
+    return [{k: v for k, v in r.items() if k != "img_per_s"} for r in metric_records(path) if not r.get("eval")]
 
 
 def torchrun_digits(tmp_path, *extra, out="run", nproc=2):

@@ -5,7 +5,6 @@ Each run is a few tiny steps (dim 8, batch 8) on the bundled digits (mlp) or a g
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -17,29 +16,17 @@ import pytest
 import torch
 import train_cifar
 
-from tests._examples import EXAMPLES, TINY, checkpoint_state, run_digits
+from tests._examples import EXAMPLES, TINY, assert_same_tensors, checkpoint_state, metric_records, run_digits
 
 pytestmark = pytest.mark.slow
 _run, _state = run_digits, checkpoint_state
-
-
-def _assert_same_tensors(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same_tensors(x, y, f"{where}[{i}]")
 
 
 def test_digits_smoke_run_writes_every_output(tmp_path):
     """A 4-step digits run writes sample grids, finite metrics (with an eval line) and a weights_only checkpoint."""
     out = _run(tmp_path, "--iters", "4", "--ckpt-every", "2")
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["iter_000002.png", "iter_000004.png"]
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = metric_records(out)
     train_lines = [r for r in lines if not r.get("eval")]
     assert [r["iter"] for r in train_lines] == [1, 2, 3, 4]
     keys = ["loss_d", "wasserstein", "gp", "grad_norm", "loss_g", "lr", "img_per_s"]
@@ -77,8 +64,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_bit_for_bit(tmp_path)
     a, b = _state(full), _state(part)
     assert a["iter"] == b["iter"] == 6
     for key in ["generator", "critic", "ema", "opt_g", "opt_d", "sched_g", "penalty", "rng", "batches"]:
-        _assert_same_tensors(a[key], b[key], key)
-    logs = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (full, part)]
+        assert_same_tensors(a[key], b[key], key)
+    logs = [metric_records(run) for run in (full, part)]
     assert [r["iter"] for r in logs[1]] == [2, 4, 6, 6]  # one clean log, plus the final eval line
     for a_rec, b_rec in zip(*logs, strict=True):  # the log line at 4 spans steps 3 (before) and 4 (after the resume)
         assert {k: v for k, v in a_rec.items() if "second" not in k and k != "img_per_s"} == {

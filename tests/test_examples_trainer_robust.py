@@ -6,7 +6,6 @@ Each run is a few tiny steps (the mlp digits networks, dim 8, batch 8) on the bu
 from __future__ import annotations
 
 import errno
-import json
 
 import generate
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 import train_cifar
 
-from tests._examples import checkpoint_state, run_digits
+from tests._examples import checkpoint_state, metric_records, run_digits
 
 pytestmark = pytest.mark.slow
 _state = checkpoint_state
@@ -22,10 +21,6 @@ _state = checkpoint_state
 
 def _run(tmp_path, *extra, out="run"):
     return run_digits(tmp_path, "--sample-every", "100", *extra, out=out)
-
-
-def _lines(path):
-    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 def _one_line_exit(exc_info, code=None):
@@ -61,7 +56,7 @@ def test_resume_applies_a_new_lr_and_records_it(tmp_path, capsys):
     assert state["config"]["lr"] == 2e-3
     assert state["applied"] == [{"iter": 1, "flag": "--lr", "old": 1e-3, "new": 2e-3}]
     assert [g["lr"] for k in ("opt_g", "opt_d") for g in state[k]["param_groups"]] == [2e-3, 2e-3]
-    assert _lines(tmp_path / "run")[-2]["lr"] == 2e-3
+    assert metric_records(tmp_path / "run")[-2]["lr"] == 2e-3
 
 
 def test_resume_keeps_the_checkpoints_ema_and_refuses_to_drop_it(tmp_path, capsys):
@@ -94,7 +89,7 @@ def test_fresh_run_over_an_old_log_starts_it_anew(tmp_path):
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"iter": 1, "loss_d": 123.0}\n{"iter": 9, "loss_d": 456.0}\n')
     _run(tmp_path, "--iters", "2")
-    lines = _lines(out)
+    lines = metric_records(out)
     assert [r["iter"] for r in lines] == [1, 2, 2] and all(r.get("loss_d") not in (123.0, 456.0) for r in lines)
 
 
@@ -105,7 +100,7 @@ def test_half_written_last_log_line_does_not_block_resume(tmp_path, capsys):
         f.write('{"iter": 3, "loss_d": -0.1')
     _run(tmp_path, "--iters", "4", "--resume")
     assert "not a complete JSON record" in capsys.readouterr().err
-    assert [r["iter"] for r in _lines(out)] == [1, 2, 3, 4, 4]
+    assert [r["iter"] for r in metric_records(out)] == [1, 2, 3, 4, 4]
 
 
 def test_resuming_a_finished_run_does_nothing(tmp_path, capsys):
@@ -129,7 +124,7 @@ def test_logged_gp_is_the_mean_penalty_applied_over_all_critic_steps(tmp_path, m
 
     monkeypatch.setattr(train_cifar.gradpen, "GradientPenalty", Recording)
     out = _run(tmp_path, "--iters", "4", "--gp-every", "2", "--log-every", "2")
-    logged = [r["gp"] for r in _lines(out) if not r.get("eval")]
+    logged = [r["gp"] for r in metric_records(out) if not r.get("eval")]
     assert returned[1::2] == [0.0] * 4 and all(v > 0 for v in returned[0::2])  # lazy: every other call
     assert logged == pytest.approx([np.mean(returned[:4]), np.mean(returned[4:])], rel=1e-12)
 
@@ -204,7 +199,7 @@ def test_fp16_overflow_skipped_by_the_grad_scaler_does_not_stop_the_run(tmp_path
     state = _state(out)
     assert scalers[0].get_scale() < 2.0**40 / 2**3  # it skipped several overflowing steps
     assert all(torch.isfinite(v).all() for v in state["generator"].values() if v.is_floating_point())
-    logs = [r for r in _lines(out) if not r.get("eval")]
+    logs = [r for r in metric_records(out) if not r.get("eval")]
     assert all(np.isfinite(r["loss_d"]) for r in logs) and logs[-1]["scale"] < 2.0**40
 
 
