@@ -131,14 +131,23 @@ def test_approx_r1_trains_under_autocast(tmp_path, amp):
         assert np.isfinite([line["loss_d"], line["loss_g"], line["gp"]]).all() and line["gp"] > 0
 
 
-def test_approx_r1_compiled_equals_eager(tmp_path):
-    """--compile with approx-r1 (mlp critic) trains to the logged values of the eager run (float tolerance)."""
-    common = ["--penalty", "approx-r1", "--iters", "2", "--sample-every", "100"]
-    eager = train_lines(run_digits(tmp_path, *common, out="eager"))
-    compiled = train_lines(run_digits(tmp_path, *common, "--compile", out="compiled"))
-    for e, c in zip(eager, compiled, strict=True):
-        for key in ("loss_d", "wasserstein", "gp", "grad_norm", "loss_g"):
-            assert c[key] == pytest.approx(e[key], rel=1e-3, abs=1e-5), key
+@pytest.mark.parametrize("penalty", ["approx-r1", "wgan-gp"])
+def test_compiled_step_equals_eager(tmp_path, penalty):
+    """--compile computes the eager step: one critic step and one generator step give the eager run's logged
+    values up to the rounding of inductor's kernels.
+
+    Only the first step is compared. Compiled kernels round differently from eager ones (1e-7 relative here),
+    and training amplifies that: Adam's first updates are about lr * sign(grad), so a rounding-sized change of a
+    near-zero gradient entry moves its weight by up to 2 lr, and the finite-difference estimator divides
+    rounding by sigma. Over ten critic steps the two runs drift apart by 1e-4 to 1e-2 depending on the CPU's
+    vector instructions, which says nothing about what --compile computes.
+    """
+    common = ["--penalty", penalty, "--n-critic", "1", "--iters", "1", "--sample-every", "100"]
+    (eager,) = train_lines(run_digits(tmp_path, *common, out="eager"))
+    (compiled,) = train_lines(run_digits(tmp_path, *common, "--compile", out="compiled"))
+    for key in ("loss_d", "wasserstein", "gp", "grad_norm"):  # the first critic step: before any update
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-7), key
+    assert compiled["loss_g"] == pytest.approx(eager["loss_g"], rel=1e-4)  # after one critic update
 
 
 def test_resume_with_another_critic_or_sigma_is_refused_and_generate_loads_vit_checkpoints(tmp_path, capsys):
