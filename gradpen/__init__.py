@@ -10,6 +10,7 @@ from gradpen._approx import (
     approx_squared_norms_from,
 )
 from gradpen._args import shared
+from gradpen._backends import FiniteDifference
 from gradpen._guards import UnsupportedCriticError
 from gradpen._module import GradientPenalty, lazy_adam_kwargs
 from gradpen._penalty import (
@@ -26,6 +27,7 @@ from gradpen._penalty import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FiniteDifference",
     "GradientPenalty",
     "UnsupportedCriticError",
     "__version__",

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gradpen._args import CriticCall, resolve_critic_args
 from gradpen._checks import (
@@ -49,7 +49,7 @@ from gradpen._checks import (
     check_number,
     check_pair,
 )
-from gradpen._guards import critic_modules
+from gradpen._forwards import Replay, can_fuse
 from gradpen._penalty import Critic, Inputs, _check_options, _finish, _grad_mode, _interpolate
 
 # scheme -> (a, b): q = (D(x + a sigma eps) - D(x + b sigma eps)) / ((a - b) sigma)
@@ -59,53 +59,20 @@ SCHEMES: dict[str, tuple[float, float]] = {
 }
 
 
-def _mixes_branches(m: nn.Module) -> bool:
-    """Whether ``m`` would make one forward over stacked copies differ from separate forwards."""
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return m.training or not m.track_running_stats
-    if not m.training:
-        return False
-    if isinstance(m, nn.modules.dropout._DropoutNd):
-        return m.p > 0
-    if isinstance(m, nn.MultiheadAttention):
-        return m.dropout > 0
-    return isinstance(m, nn.RReLU)
-
-
-def _can_fuse(critic: Critic) -> bool:
-    """One forward over all points is equivalent to one forward per point; see the module docstring."""
-    roots = critic_modules(critic)
-    return bool(roots) and not any(_mixes_branches(m) for root in roots for m in root.modules())
-
-
-def _rng_state(device: torch.device) -> list[Tensor]:
-    """The global RNG states a critic on ``device`` can draw from: the CPU's, and the accelerator's."""
-    states = [torch.get_rng_state()]
-    if device.type != "cpu":
-        states.append(torch.get_device_module(device).get_rng_state(device))
-    return states
-
-
-def _set_rng_state(device: torch.device, states: list[Tensor]) -> None:
-    torch.set_rng_state(states[0])
-    if device.type != "cpu":
-        torch.get_device_module(device).set_rng_state(states[1], device)
-
-
 def _scores(out: Any, rows: int) -> Tensor:
     """Per-sample scores ``(rows,)``: the critic's outputs summed per sample, in float32 or wider."""
     out = check_critic_output(out, rows)
     return out.reshape(rows, -1).sum(1, dtype=torch.promote_types(out.dtype, torch.float32))
 
 
-def _separate(critic: Critic, call: CriticCall, points: list[tuple[Tensor, ...]], device: torch.device) -> Tensor:
-    """One forward per point, each from the same global RNG state: equal dropout masks in all branches."""
-    state = _rng_state(device)
+def _separate(critic: Critic, call: CriticCall, points: list[tuple[Tensor, ...]], replay: Replay) -> Tensor:
+    """One forward per point, each from the RNG state and buffers of the first: the same critic in all."""
     scores = []
-    for j, xs in enumerate(points):
-        if j:
-            _set_rng_state(device, state)
+    for xs in points:
+        replay.rewind()
         scores.append(_scores(call(critic, *xs), xs[0].shape[0]))
+        replay.done()
+    replay.finish()
     return torch.stack(scores)
 
 
@@ -158,16 +125,17 @@ def _estimate(
         eps = tuple(torch.randn(x.shape, dtype=x.dtype, device=x.device, **extra) for x in xs)
         pairs.append((at(a, eps), at(b, eps)))
 
-    if not _can_fuse(critic):
-        scores = _separate(critic, call, points, first.device)
+    if not can_fuse(critic):
+        scores = _separate(critic, call, points, Replay(critic, first.device))
     elif torch.compiler.is_compiling():
         scores = _fused(critic, call, points)
     else:
-        before = _rng_state(first.device)
+        replay = Replay(critic, first.device)
         scores = _fused(critic, call, points)
-        if any(not torch.equal(s, t) for s, t in zip(before, _rng_state(first.device), strict=True)):
-            _set_rng_state(first.device, before)  # the critic is random after all: one forward per point
-            scores = _separate(critic, call, points, first.device)
+        replay.done()
+        if replay.drew_random:  # the critic is random after all: one forward per point
+            replay.restore()
+            scores = _separate(critic, call, points, Replay(critic, first.device))
 
     plus, minus = ([pair[i] for pair in pairs] for i in (0, 1))
     q = (scores[plus] - scores[minus]) / ((a - b) * sigma)  # (draws, N)

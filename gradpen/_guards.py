@@ -26,9 +26,11 @@ if TYPE_CHECKING:
     from gradpen._args import CriticCall
 
 INSTEAD = (
-    "Instead: the double-backward-free estimators gradpen.approx_r1_penalty, gradpen.approx_r2_penalty "
-    "and gradpen.approx_gradient_penalty; or an exact penalty on a part of the critic that can be "
-    "differentiated twice (its head, on the features of the rest)"
+    "Instead: backend='fd', which gives the same penalty with first-order passes only (exact value; the "
+    "parameter gradient by a finite difference along the input gradient) for a smooth critic (no ReLU, "
+    "LeakyReLU or max-pooling); for a piecewise-linear critic the double-backward-free estimators "
+    "gradpen.approx_r1_penalty, approx_r2_penalty and approx_gradient_penalty; or an exact penalty on a part "
+    "of the critic that can be differentiated twice (its head, on the features of the rest)"
 )
 
 
@@ -38,25 +40,50 @@ class UnsupportedCriticError(RuntimeError):
     an op that ``torch.func.vmap`` cannot run). The message names the cause and what to use instead."""
 
 
-def critic_modules(critic: Any) -> list[nn.Module]:
-    """The modules behind ``critic``: the critic itself, or what a ``functools.partial``, a bound
-    method (``D.forward``), a ``torch.compile``\\ d module or a function's closure
-    (``lambda x: D(x, y)`` inside a training step) holds. A module that a function reads as a global
-    variable is not seen."""
-    seen: list[nn.Module] = []
+# How far the module search looks into containers: a closure over a dataset list is not walked whole.
+_CONTAINER_ITEMS = 64
+
+
+def _parts(critic: Any) -> Iterator[Any]:
+    """Every module, function and callable object behind ``critic``, depth first, each once.
+
+    Looked into: a module (itself; its children are its own), a ``functools.partial`` (the function
+    and its arguments), a bound method (the object and the function), a function (the contents of its
+    closure cells and its default arguments; a ``torch.compile``\\ d function's original), a callable
+    object (its attributes), and lists, tuples, sets and dict values among these (up to 64 items
+    each). Not looked into: global variables a function reads, and attributes of non-callable objects.
+    """
+    seen: set[int] = set()
     todo = [critic]
     while todo:
         obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (Tensor, str, bytes, int, float, bool, type(None))):
+            continue
+        seen.add(id(obj))
         if isinstance(obj, nn.Module):
-            seen.append(getattr(obj, "_orig_mod", obj))
-        elif isinstance(obj, functools.partial):
-            todo.append(obj.func)
-            todo.extend(v for v in (*obj.args, *obj.keywords.values()) if isinstance(v, nn.Module))
-        elif hasattr(obj, "__self__") and hasattr(obj, "__func__"):  # a bound method
-            todo.append(obj.__self__)
-        elif isinstance(obj, types.FunctionType) and obj.__closure__:
-            todo.extend(v for v in _cell_contents(obj.__closure__) if isinstance(v, (nn.Module, functools.partial)))
-    return seen
+            yield getattr(obj, "_orig_mod", obj)
+            continue
+        if isinstance(obj, (list, tuple, set, frozenset, dict)):
+            items = list(obj.values() if isinstance(obj, dict) else obj)[:_CONTAINER_ITEMS]
+            todo.extend(reversed(items))
+            continue
+        if not callable(obj):
+            continue
+        yield obj
+        if isinstance(obj, functools.partial):
+            todo.extend(reversed([obj.func, *obj.args, *obj.keywords.values()]))
+        elif isinstance(obj, types.MethodType):
+            todo.extend([obj.__func__, obj.__self__])
+        elif isinstance(obj, types.FunctionType):
+            orig = getattr(obj, "_torchdynamo_orig_callable", None)
+            inner = [
+                *_cell_contents(obj.__closure__ or ()),
+                *(obj.__defaults__ or ()),
+                *(obj.__kwdefaults__ or {}).values(),
+            ]
+            todo.extend(reversed([orig, *inner] if orig is not None else inner))
+        elif not isinstance(obj, (types.BuiltinFunctionType, types.BuiltinMethodType, type)):
+            todo.extend(reversed(list(getattr(obj, "__dict__", {}).values())[:_CONTAINER_ITEMS]))
 
 
 def _cell_contents(cells: tuple[Any, ...]) -> Iterator[Any]:
@@ -67,6 +94,63 @@ def _cell_contents(cells: tuple[Any, ...]) -> Iterator[Any]:
             continue
 
 
+def critic_modules(critic: Any) -> list[nn.Module]:
+    """The modules behind ``critic`` (see :func:`_parts` for where they are looked for): the critic
+    itself, or what a ``functools.partial``, a bound method (``D.forward``), a ``torch.compile``\\ d
+    module, a callable object or a function's closure (``lambda x: D(x, y)`` inside a training step)
+    holds. A module that a function reads as a global variable is not seen."""
+    if isinstance(critic, nn.Module):  # the common case, without the search
+        return [getattr(critic, "_orig_mod", critic)]
+    return [p for p in _parts(critic) if isinstance(p, nn.Module)]
+
+
+def critic_key(critic: Any) -> tuple[tuple[Any, ...], list[Any]]:
+    """What a once-per-critic check depends on: the code that runs and the modules it runs with.
+
+    The key holds, for every part behind the critic (:func:`_parts`), a module's identity, class and
+    training mode, or a function's code object (a lambda made anew on every call keeps its code), or a
+    callable object's class; data in closures (the labels of this step) does not enter it. Returns
+    the key and the objects whose death must end its validity.
+    """
+    key: list[Any] = []
+    anchors: list[Any] = []
+    for part in [critic] if isinstance(critic, nn.Module) else _parts(critic):
+        if isinstance(part, nn.Module):
+            part = getattr(part, "_orig_mod", part)
+            key.append((id(part), type(part), part.training))
+            anchors.append(part)
+        elif isinstance(part, types.FunctionType):
+            key.append(id(part.__code__))
+            anchors.append(part.__code__)
+        elif isinstance(part, (functools.partial, types.MethodType)):
+            continue  # their function and objects are parts of their own
+        else:
+            key.append(type(part))
+    return tuple(key), anchors
+
+
+class CriticCache:
+    """Results of a once-per-critic check, by :func:`critic_key`. An entry is dropped when one of the
+    objects of its key is garbage-collected, so a reused id never inherits another critic's result."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[Any, ...], Any] = {}
+
+    def get(self, critic: Any, default: Any = None) -> Any:
+        return self._values.get(critic_key(critic)[0], default)
+
+    def __contains__(self, critic: Any) -> bool:
+        return critic_key(critic)[0] in self._values
+
+    def set(self, critic: Any, value: Any = True) -> None:
+        key, anchors = critic_key(critic)
+        if key not in self._values:
+            for obj in anchors:
+                with contextlib.suppress(TypeError):  # an object that takes no weak reference stays
+                    weakref.finalize(obj, self._values.pop, key, None)
+        self._values[key] = value
+
+
 def batch_coupled_modules(critic: Any) -> list[str]:
     """Names of the BatchNorm layers behind ``critic`` that normalise with batch statistics."""
     return [
@@ -74,6 +158,39 @@ def batch_coupled_modules(critic: Any) -> list[str]:
         for module in critic_modules(critic)
         for name, m in module.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+    ]
+
+
+# Layers whose output, and so the critic's input gradient, has kinks: the fd backend's finite difference
+# across them gives a wrong parameter gradient. ELU and CELU are smooth enough (a continuous derivative)
+# only with alpha = 1 (CELU: any alpha); SELU's derivative jumps at 0.
+_KINKED = (
+    nn.ReLU,
+    nn.Hardtanh,  # and ReLU6
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Threshold,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.SELU,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d,
+)
+
+
+def kinked_modules(critic: Any) -> list[str]:
+    """Names of the piecewise-linear (kinked) layers behind ``critic``: ReLU and its relatives,
+    max-pooling, and ELU with alpha != 1."""
+    return [
+        f"{name} ({type(m).__name__})" if name else type(m).__name__
+        for module in critic_modules(critic)
+        for name, m in module.named_modules()
+        if isinstance(m, _KINKED) or (isinstance(m, nn.ELU) and m.alpha != 1.0)
     ]
 
 
@@ -106,10 +223,11 @@ def check_exact_critic(critic: Any) -> None:
                 raise UnsupportedCriticError(
                     f"An exact gradient penalty cannot run through FSDP: the critic contains the FSDP module "
                     f"{_where(module, m)}. The penalty differentiates the critic twice, and the second backward "
-                    "through FSDP's parameter hooks crashes (FSDP2: 'setStorage ... storage of size 0', pytorch "
-                    "issue 172543) or, with reshard_after_backward=False, gives wrong or missing gradients "
-                    f"without an error. {INSTEAD}, computed in FSDP's ordinary forward and backward; or "
-                    "DistributedDataParallel, which the exact penalties support."
+                    "through FSDP's parameter hooks crashes (FSDP2: 'setStorage ... storage of size 0', "
+                    "https://github.com/pytorch/pytorch/issues/172543) or, with reshard_after_backward=False, "
+                    f"gives wrong or missing gradients without an error. {INSTEAD}; fd and the estimators run "
+                    "in FSDP's ordinary forward and backward. Or DistributedDataParallel, which the exact "
+                    "penalties support."
                 )
             if isinstance(m, ddp) and m.static_graph:
                 raise UnsupportedCriticError(
@@ -172,30 +290,8 @@ def math_attention() -> contextlib.AbstractContextManager[Any]:
 _ONCE_CODE = once_differentiable(lambda ctx: None).__code__
 # Nodes that raise when run: ops with no derivative formula, and @once_differentiable's DelayedError.
 _ERROR_NODES = frozenset({"torch::autograd::NotImplemented", "torch::autograd::Error"})
-# Critics whose graph has been checked: the first module behind the critic (and its mode), or the callable.
-_checked: weakref.WeakKeyDictionary[Any, set[bool]] = weakref.WeakKeyDictionary()
-
-
-def _key(critic: Any) -> tuple[Any, bool] | None:
-    mods = critic_modules(critic)
-    # A function made anew on every call (a lambda in the training step) is known by its code.
-    obj, training = (mods[0], mods[0].training) if mods else (getattr(critic, "__code__", critic), False)
-    try:
-        weakref.ref(obj)
-    except TypeError:
-        return None
-    return obj, training
-
-
-def _is_checked(critic: Any) -> bool:
-    key = _key(critic)
-    return key is not None and key[1] in _checked.get(key[0], ())
-
-
-def _mark_checked(critic: Any) -> None:
-    key = _key(critic)
-    if key is not None:
-        _checked.setdefault(key[0], set()).add(key[1])
+# Critics whose graph has passed the check (key: critic_key).
+_graph_checked = CriticCache()
 
 
 def _node_error(node: Any) -> str:
@@ -207,27 +303,94 @@ def _node_error(node: Any) -> str:
     return node.name()
 
 
-def _graph_problem(out: Tensor, grads: Iterable[Tensor | None]) -> str | None:
-    """What, in the graph of the critic's output ``out`` or of its input gradients ``grads``, has no
-    double backward; ``None`` if nothing. The forward graph goes first: it names a Function."""
+def _input_paths(out: Tensor, inputs: Iterable[Tensor]) -> list[Any]:
+    """The nodes of ``out``'s graph that lie on a path to one of ``inputs`` (leaves): the ops whose
+    backward the input gradient runs, and so the only ones a double backward differentiates twice.
+    An op on the weights alone (a fake quantiser with a straight-through backward) is not among them."""
+    targets = {id(x) for x in inputs}
+    reaches: dict[Any, bool] = {}
+    order: list[Any] = []
+    todo: list[tuple[Any, bool]] = [(out.grad_fn, False)] if out.grad_fn is not None else []
+    while todo:  # iterative post-order: a node reaches the inputs if one of its next functions does
+        node, done = todo.pop()
+        if done:
+            nexts = [n for n, _ in node.next_functions if n is not None]
+            variable = getattr(node, "variable", None)
+            reaches[node] = (variable is not None and id(variable) in targets) or any(
+                reaches.get(n, False) for n in nexts
+            )
+            if reaches[node]:
+                order.append(node)
+            continue
+        if node in reaches:
+            continue
+        reaches[node] = False  # on the stack: a cycle cannot occur in autograd graphs
+        todo.append((node, True))
+        todo.extend((n, False) for n, _ in node.next_functions if n is not None and n not in reaches)
+    return order
+
+
+def _graph_problem(out: Tensor, inputs: Iterable[Tensor], grads: Iterable[Tensor | None]) -> str | None:
+    """What, among the ops between ``out`` and ``inputs`` or in the graph of the input gradients
+    ``grads``, has no double backward; ``None`` if nothing. The forward graph goes first: it names a
+    Function."""
+    for node in _input_paths(out, inputs):
+        cls = getattr(node, "_forward_cls", None)
+        if cls is not None and getattr(cls.backward, "__code__", None) is _ONCE_CODE:
+            return (
+                f"the torch.autograd.Function `{cls.__qualname__}`, whose backward is marked "
+                "@once_differentiable (its backward is not itself differentiated)"
+            )
     seen: set[Any] = set()
-    for roots in ([out.grad_fn], [g.grad_fn for g in grads if g is not None]):
-        todo = [r for r in roots if r is not None]
-        while todo:
-            node = todo.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            cls = getattr(node, "_forward_cls", None)
-            if cls is not None and getattr(cls.backward, "__code__", None) is _ONCE_CODE:
-                return (
-                    f"the torch.autograd.Function `{cls.__qualname__}`, whose backward is marked "
-                    "@once_differentiable (its backward is not itself differentiated)"
-                )
-            if node.name() in _ERROR_NODES:
-                return f"an op without a double backward (PyTorch: '{_node_error(node)}')"
-            todo.extend(n for n, _ in node.next_functions if n is not None)
+    todo = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.name() in _ERROR_NODES:
+            return f"an op without a double backward (PyTorch: '{_node_error(node)}')"
+        todo.extend(n for n, _ in node.next_functions if n is not None)
     return None
+
+
+class FunctionWatch:
+    """Hooks on the custom ``torch.autograd.Function``\\ s between ``out`` and ``inputs`` that find a
+    backward which leaves autograd (NumPy, an extension kernel, ``.detach()``) without saying so with
+    ``@once_differentiable``: during a ``create_graph=True`` backward, it got a gradient that requires
+    grad and returned one that does not, so its second-order terms would be lost without an error.
+
+    A backward that is exact but returns constants for constant incoming gradients (at the critic's
+    output) cannot be told apart and is not reported; :func:`gradpen.compare_backends` finds the rest.
+    """
+
+    def __init__(self, out: Tensor, inputs: Iterable[Tensor]) -> None:
+        self.broken: list[str] = []
+        self.handles = []
+        for node in _input_paths(out, inputs):
+            cls = getattr(node, "_forward_cls", None)
+            if cls is not None and getattr(cls.backward, "__code__", None) is not _ONCE_CODE:
+                self.handles.append(node.register_hook(self._hook(cls.__qualname__)))
+
+    def _hook(self, name: str) -> Any:
+        def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]) -> None:
+            if any(g is not None and g.requires_grad for g in grad_outputs) and any(
+                g is not None and not g.requires_grad for g in grad_inputs
+            ):
+                self.broken.append(name)
+
+        return hook
+
+    def close(self) -> str | None:
+        for h in self.handles:
+            h.remove()
+        if not self.broken:
+            return None
+        return (
+            f"the torch.autograd.Function `{self.broken[0]}`, whose backward returned a gradient that is "
+            "detached from the graph (NumPy, an extension kernel or .detach() inside backward), so its "
+            "backward cannot be differentiated"
+        )
 
 
 def _refuse(problem: str) -> UnsupportedCriticError:
@@ -239,20 +402,27 @@ def _refuse(problem: str) -> UnsupportedCriticError:
     )
 
 
-def check_graph(critic: Any, out: Tensor, grads: Iterable[Tensor]) -> None:
-    """After the first backward (``create_graph=True``): refuse the critic if the graph of its output
-    ``out`` or of its input gradients ``grads`` holds an op without a double backward. Walked once per
-    critic (and training mode); later calls cost a dictionary look-up.
+def graph_checked(critic: Any) -> bool:
+    """The critic (by :func:`critic_key`) has passed :func:`check_graph` before."""
+    return critic is not None and critic in _graph_checked
+
+
+def check_graph(
+    critic: Any, out: Tensor, inputs: Iterable[Tensor], grads: Iterable[Tensor], watch: FunctionWatch | None = None
+) -> None:
+    """After the first backward (``create_graph=True``): refuse the critic if an op between its output
+    ``out`` and ``inputs``, or in the graph of the input gradients ``grads``, has no double backward
+    (``watch`` reports custom Functions whose backward left autograd). Walked once per critic key
+    (``critic=None``: every time); later calls cost a set look-up.
 
     Raises:
         UnsupportedCriticError: naming the op and the alternatives.
     """
-    if _is_checked(critic):
-        return
-    problem = _graph_problem(out, grads)
+    problem = _graph_problem(out, tuple(inputs), grads) or (watch.close() if watch is not None else None)
     if problem is not None:
         raise _refuse(problem)
-    _mark_checked(critic)
+    if critic is not None:
+        _graph_checked.set(critic)
 
 
 def probe_graph(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall) -> None:
@@ -263,11 +433,12 @@ def probe_graph(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall) -> No
     Raises:
         UnsupportedCriticError: naming the op and the alternatives.
     """
-    if _is_checked(critic):
+    if graph_checked(critic):
         return
     buffers = [(b, b.detach().clone()) for m in critic_modules(critic) for b in m.buffers()]
     device = inputs[0].device
-    forked = [device] if device.type != "cpu" else []
+    forked = [device] if device.type not in ("cpu", "meta") else []
+    problem = None
     try:
         with torch.random.fork_rng(forked, device_type=device.type if forked else "cuda"), torch.enable_grad():
             xs = tuple(x[:1].detach().requires_grad_(True) for x in inputs)
@@ -275,15 +446,16 @@ def probe_graph(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall) -> No
                 out = call.with_rows(tuple(r[:1] for r in call.rows()))(critic, *xs)
             if not (isinstance(out, Tensor) and out.requires_grad):
                 return  # a bad output is reported by the backend; a constant one has nothing to differentiate
+            watch = FunctionWatch(out, xs)
             grads = torch.autograd.grad(out.sum(), xs, create_graph=True, allow_unused=True)
-            problem = _graph_problem(out, grads)
+            problem = _graph_problem(out, xs, grads) or watch.close()
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
     if problem is not None:
         raise _refuse(problem)
-    _mark_checked(critic)
+    _graph_checked.set(critic)
 
 
 # Messages of torch.func when vmap/grad cannot run an op of the critic.

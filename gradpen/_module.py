@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradpen._backends import BACKENDS
+from gradpen._backends import FiniteDifference, resolve_backend
 from gradpen._checks import as_inputs, check_bool, check_choice, check_int, check_number
 from gradpen._penalty import (
     Critic,
@@ -57,7 +57,8 @@ class GradientPenalty(nn.Module):
         one_sided (bool, optional): one-sided penalty, for ``"wgan-gp"`` and ``"dragan"``. Default: ``False``.
         kind (str, optional): ``"wgan-gp"``, ``"r1"`` (uses ``real``), ``"r2"`` (uses ``fake``),
             ``"dragan"`` (uses ``real``) or ``"wgan-div"``. Default: ``"wgan-gp"``.
-        backend (str, optional): ``"autograd"`` or ``"func"``. Default: ``"autograd"``.
+        backend (str or FiniteDifference, optional): ``"autograd"``, ``"func"`` or ``"fd"`` (or a
+            :class:`~gradpen.FiniteDifference` with its settings). Default: ``"autograd"``.
         every (int, optional): apply the penalty on one call in ``every``. Default: ``1``.
 
     Attributes:
@@ -89,7 +90,7 @@ class GradientPenalty(nn.Module):
         one_sided: bool = False,
         *,
         kind: str = "wgan-gp",
-        backend: str = "autograd",
+        backend: str | FiniteDifference = "autograd",
         every: int = 1,
     ) -> None:
         super().__init__()
@@ -97,7 +98,7 @@ class GradientPenalty(nn.Module):
         self.center = check_number(center, "center", low=0.0)
         self.one_sided = check_bool(one_sided, "one_sided")
         check_choice(kind, "kind", KINDS)
-        check_choice(backend, "backend", BACKENDS)
+        resolve_backend(backend)
         self.kind, self.backend = kind, backend
         self.every = check_int(every, "every", low=1)
         if not KINDS[kind][1] and (self.center != 1.0 or one_sided):

@@ -3,8 +3,6 @@ error that says what to do instead; the check runs once per critic and leaves no
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 from torch import nn
@@ -176,7 +174,7 @@ def test_lambda_made_on_every_call_is_checked_once(backend, monkeypatch):
     walks = []
     real_walk = guards._graph_problem
     monkeypatch.setattr(guards, "_graph_problem", lambda *a: walks.append(1) or real_walk(*a))
-    monkeypatch.setattr(guards, "_checked", weakref.WeakKeyDictionary())  # forget the other parametrization
+    monkeypatch.setattr(guards, "_graph_checked", guards.CriticCache())  # forget the other parametrization
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     w = torch.randn(3)
     x = torch.randn(5, 3)

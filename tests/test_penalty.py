@@ -332,7 +332,7 @@ _CRITIC = nn.Linear(3, 1)
         ({"critic": lambda x: x.sum()}, ValueError, r"one score per sample.*N=4.*scalar"),
         ({"critic": lambda x: x.sum(0)}, ValueError, r"leading dimension N=4.*got shape \(3,\)"),
         ({"critic": "not callable"}, TypeError, "`critic` must be callable"),
-        ({"backend": "jax"}, ValueError, r"Unknown backend 'jax'. Expected one of \['autograd', 'func'\]"),
+        ({"backend": "jax"}, ValueError, r"Unknown backend 'jax'. Expected one of \['autograd', 'fd', 'func'\]"),
         ({"reduction": "max"}, ValueError, r"Unknown reduction 'max'. Expected one of \['mean', 'none', 'sum'\]"),
         ({"center": -1.0}, ValueError, "`center` must be >= 0, got -1"),
         ({"center": "1"}, TypeError, "`center` must be a real number, got str"),
