@@ -11,12 +11,12 @@ from gradpen._approx import (
 )
 from gradpen._args import shared
 from gradpen._backends import FiniteDifference
+from gradpen._from import gradient_norms_from
 from gradpen._guards import UnsupportedCriticError
 from gradpen._module import GradientPenalty, lazy_adam_kwargs
 from gradpen._penalty import (
     dragan_penalty,
     gradient_norms,
-    gradient_norms_from,
     gradient_penalty,
     interpolate,
     r1_penalty,

@@ -55,6 +55,7 @@ from gradpen._guards import (
     FunctionWatch,
     UnsupportedCriticError,
     batch_coupled_modules,
+    check_distributed_fd,
     check_exact_critic,
     check_graph,
     func_limits,
@@ -241,10 +242,12 @@ def _one_sample_output(out: Any, n: int) -> None:
 FD_SCHEMES = {"central": 2, "forward": 1}  # scheme -> extra critic forwards
 
 
-def default_step(dtype: torch.dtype) -> float:
-    """The fd step relative to the inputs' RMS: 5 * eps**(1/3) of the compute dtype (float32: 0.0246,
-    float64: 3.0e-5, float16: 0.50, bfloat16: 0.99)."""
-    return 5.0 * torch.finfo(dtype).eps ** (1 / 3)
+def default_step(dtype: torch.dtype, scheme: str = "central") -> float:
+    """The fd step relative to the inputs' RMS, for the compute dtype's eps: central 5 eps^(1/3) (float32
+    0.0246, float64 3.0e-5, float16 0.50, bfloat16 0.99), forward 2 eps^(1/2) (float32 6.9e-4, float64
+    3.0e-8, float16 0.063, bfloat16 0.18): the classic optima of each scheme's truncation against rounding."""
+    eps = torch.finfo(dtype).eps
+    return 5.0 * eps ** (1 / 3) if scheme == "central" else 2.0 * eps**0.5
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -282,9 +285,10 @@ class FiniteDifference:
 
     Args:
         step (float, optional): :math:`c`, the step relative to the inputs' RMS, in :math:`(0, 1]`.
-            Default: ``None``, :math:`5\,\varepsilon^{1/3}` of the critic's compute dtype (autocast's
-            under autocast): 0.0246 for float32, 3.0e-5 for float64, 0.50 for float16, 0.99 for
-            bfloat16.
+            Default: ``None``, chosen for the critic's compute dtype (autocast's under autocast):
+            :math:`5\,\varepsilon^{1/3}` for ``"central"`` (0.0246 for float32, 3.0e-5 for float64,
+            0.50 for float16, 0.99 for bfloat16) and :math:`2\,\varepsilon^{1/2}` for ``"forward"``
+            (6.9e-4, 3.0e-8, 0.063, 0.18).
         scheme (str, optional): ``"central"`` (2 extra forwards) or ``"forward"`` (1). Default:
             ``"central"``.
         allow_kinks (bool, optional): accept a critic with kinks instead of refusing it. Its
@@ -389,8 +393,10 @@ def check_fd_critic(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall, f
 
     Raises:
         ValueError: for a critic with BatchNorm in training mode.
-        UnsupportedCriticError: for a critic with kinks (visible layers, or found by the probe).
+        UnsupportedCriticError: for ``DistributedDataParallel(static_graph=True)``, or a critic with kinks
+            (visible layers, or found by the probe).
     """
+    check_distributed_fd(critic)
     refuse_if_coupled(critic, lambda: False, "fd")
     if fd.allow_kinks:
         return
@@ -483,7 +489,7 @@ def directional_derivative(
     n = inputs[0].shape[0]
     norms = _norms(grads, seed)
     wide = norms.dtype
-    step = fd.step if fd.step is not None else max(default_step(compute_dtype(x)) for x in inputs)
+    step = fd.step if fd.step is not None else max(default_step(compute_dtype(x), fd.scheme) for x in inputs)
     h = step * _rms(inputs, wide)
     positive = norms > 0
     scale = torch.where(positive, 1.0 / torch.where(positive, norms, torch.ones_like(norms)), 0.0)
@@ -529,7 +535,7 @@ def resolve_backend(backend: Any) -> Backend:
     if isinstance(backend, FiniteDifference):
         return backend
     if not isinstance(backend, str) or backend not in BACKENDS:
-        got = repr(backend) if isinstance(backend, str) else f"a {_type_name(backend)}"
+        got = repr(backend) if isinstance(backend, str) else f"{backend!r} ({_type_name(backend)})"
         raise ValueError(
             f"Unknown backend {got}. Expected one of {sorted(BACKENDS)}, or a gradpen.FiniteDifference(...)."
         )

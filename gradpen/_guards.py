@@ -229,14 +229,33 @@ def check_exact_critic(critic: Any) -> None:
                     "in FSDP's ordinary forward and backward. Or DistributedDataParallel, which the exact "
                     "penalties support."
                 )
-            if isinstance(m, ddp) and m.static_graph:
-                raise UnsupportedCriticError(
-                    f"An exact gradient penalty cannot run through DistributedDataParallel with "
-                    f"static_graph=True ({_where(module, m)}): DDP's static-graph mode never all-reduces the "
-                    "gradients of the penalty's double backward, so each rank keeps its own gradients, without "
-                    "an error. Build DDP without static_graph (the default, or find_unused_parameters=True; "
-                    f"both supported), and do not call _set_static_graph(). {INSTEAD}."
-                )
+            _check_static_ddp(
+                module, m, ddp, "An exact gradient penalty", "the gradients of the penalty's double backward"
+            )
+
+
+def check_distributed_fd(critic: Any) -> None:
+    """backend='fd': refuse a ``DistributedDataParallel(static_graph=True)`` critic (FSDP is fine).
+
+    Raises:
+        UnsupportedCriticError: naming the module, why, and what to do instead.
+    """
+    _, ddp = _wrapper_classes()
+    if not ddp:
+        return
+    for module in critic_modules(critic):
+        for m in module.modules():
+            _check_static_ddp(module, m, ddp, "backend='fd'", "the gradients of the penalty's extra forwards")
+
+
+def _check_static_ddp(root: nn.Module, m: nn.Module, ddp: tuple[type, ...], who: str, what: str) -> None:
+    if isinstance(m, ddp) and m.static_graph:
+        raise UnsupportedCriticError(
+            f"{who} cannot run through DistributedDataParallel with static_graph=True ({_where(root, m)}): "
+            f"DDP's static-graph mode expects the graph of one forward per backward and never all-reduces {what}, "
+            "so each rank keeps its own gradients, without an error. Build DDP without static_graph (the "
+            "default, or find_unused_parameters=True; both supported), and do not call _set_static_graph()."
+        )
 
 
 def _where(root: nn.Module, m: nn.Module) -> str:

@@ -12,6 +12,8 @@ ACTIVATIONS = {
     "elu": nn.ELU,
     "softplus": nn.Softplus,
 }
+# Smooth activations (a continuous derivative): the ones the fd backend is exact on.
+SMOOTH = {"tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
 class MapCritic(nn.Module):
@@ -27,10 +29,12 @@ class MapCritic(nn.Module):
 
 
 @st.composite
-def critics(draw, dtype=torch.float64):
-    """A (critic, input_shape) pair: an MLP on (D,) or (C, L) inputs, or a conv net on (C, H, W)."""
+def critics(draw, dtype=torch.float64, smooth=False):
+    """A (critic, input_shape) pair: an MLP on (D,) or (C, L) inputs, or a conv net on (C, H, W);
+    ``smooth=True`` draws only activations with a continuous derivative."""
     kind = draw(st.sampled_from(["mlp", "conv"]))
-    act = ACTIVATIONS[draw(st.sampled_from(sorted(ACTIVATIONS)))]
+    table = SMOOTH if smooth else ACTIVATIONS
+    act = table[draw(st.sampled_from(sorted(table)))]
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     if kind == "mlp":
