@@ -40,8 +40,10 @@ class UnsupportedCriticError(RuntimeError):
     an op that ``torch.func.vmap`` cannot run). The message names the cause and what to use instead."""
 
 
-# How far the module search looks into containers: a closure over a dataset list is not walked whole.
+# How far the module search looks: into containers (a closure over a dataset list is not walked whole),
+# and in all (a function that calls many helpers).
 _CONTAINER_ITEMS = 64
+_PARTS = 256
 
 
 def _parts(critic: Any) -> Iterator[Any]:
@@ -49,13 +51,15 @@ def _parts(critic: Any) -> Iterator[Any]:
 
     Looked into: a module (itself; its children are its own), a ``functools.partial`` (the function
     and its arguments), a bound method (the object and the function), a function (the contents of its
-    closure cells and its default arguments; a ``torch.compile``\\ d function's original), a callable
-    object (its attributes), and lists, tuples, sets and dict values among these (up to 64 items
-    each). Not looked into: global variables a function reads, and attributes of non-callable objects.
+    closure cells, its default arguments and the global variables its code names; a
+    ``torch.compile``\\ d function's original), a callable object (its attributes), and lists, tuples,
+    sets and dict values among these (up to 64 items each, 256 parts in all). Not looked into:
+    attributes of non-callable objects (``self.holder.net``), and what a function reaches through
+    attribute access on a global (``config.critic``).
     """
     seen: set[int] = set()
     todo = [critic]
-    while todo:
+    while todo and len(seen) < _PARTS:
         obj = todo.pop()
         if id(obj) in seen or isinstance(obj, (Tensor, str, bytes, int, float, bool, type(None))):
             continue
@@ -76,10 +80,12 @@ def _parts(critic: Any) -> Iterator[Any]:
             todo.extend([obj.__func__, obj.__self__])
         elif isinstance(obj, types.FunctionType):
             orig = getattr(obj, "_torchdynamo_orig_callable", None)
+            names = obj.__globals__
             inner = [
                 *_cell_contents(obj.__closure__ or ()),
                 *(obj.__defaults__ or ()),
                 *(obj.__kwdefaults__ or {}).values(),
+                *(names[name] for name in obj.__code__.co_names if name in names),
             ]
             todo.extend(reversed([orig, *inner] if orig is not None else inner))
         elif not isinstance(obj, (types.BuiltinFunctionType, types.BuiltinMethodType, type)):
