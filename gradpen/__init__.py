@@ -11,6 +11,7 @@ from gradpen._approx import (
 )
 from gradpen._args import shared
 from gradpen._backends import FiniteDifference
+from gradpen._diagnose import BackendComparison, compare_backends
 from gradpen._from import gradient_norms_from
 from gradpen._guards import UnsupportedCriticError
 from gradpen._module import GradientPenalty, lazy_adam_kwargs
@@ -27,6 +28,7 @@ from gradpen._penalty import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendComparison",
     "FiniteDifference",
     "GradientPenalty",
     "UnsupportedCriticError",
@@ -35,6 +37,7 @@ __all__ = [
     "approx_r1_penalty",
     "approx_r2_penalty",
     "approx_squared_norms_from",
+    "compare_backends",
     "dragan_penalty",
     "gradient_norms",
     "gradient_norms_from",

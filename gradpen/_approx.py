@@ -31,6 +31,7 @@ redone as separate forwards.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from gradpen._args import CriticCall, resolve_critic_args
+from gradpen._backends import compute_dtype
 from gradpen._checks import (
     _type_name,
     as_inputs,
@@ -50,6 +52,7 @@ from gradpen._checks import (
     check_pair,
 )
 from gradpen._forwards import Replay, can_fuse
+from gradpen._guards import CriticCache
 from gradpen._penalty import Critic, Inputs, _check_options, _finish, _grad_mode, _interpolate
 
 # scheme -> (a, b): q = (D(x + a sigma eps) - D(x + b sigma eps)) / ((a - b) sigma)
@@ -83,6 +86,42 @@ def _fused(critic: Critic, call: CriticCall, points: list[tuple[Tensor, ...]]) -
     return _scores(call.tiled(k)(critic, *stacked), k * n).view(k, n)
 
 
+# The smallest sigma, in units of the compute dtype's eps times the inputs' RMS: below it the rounding of
+# x + sigma * eps to the compute dtype changes the perturbation by more than 10 % per element, and the
+# quotient measures rounding (float32, sigma 1e-8: 100x the exact R1; 1e-12: exactly 0; 1e-300: NaN).
+SIGMA_RESOLUTION = 10.0
+_sigma_checked = CriticCache()  # (critic key) -> the compute dtypes whose resolution was checked
+
+
+def check_sigma(critic: Any, xs: tuple[Tensor, ...], sigma: float) -> None:
+    """Refuse a ``sigma`` below the compute dtype's resolution at the inputs' scale. Checked on the first
+    call per critic and compute dtype (reading the RMS is a host sync), so a later batch on another scale
+    is not checked again.
+
+    Raises:
+        ValueError: naming the smallest sigma for these inputs and dtype.
+    """
+    if torch.compiler.is_compiling() or xs[0].device.type == "meta":
+        return
+    dtypes = {compute_dtype(x) for x in xs}
+    seen = _sigma_checked.get(critic, frozenset())
+    if dtypes <= seen:
+        return
+    wide = functools.reduce(torch.promote_types, (x.dtype for x in xs), torch.float32)
+    rms = (sum(x.reshape(x.shape[0], -1).to(wide).square().sum() for x in xs) / sum(x.numel() for x in xs)).sqrt()
+    eps = max(torch.finfo(d).eps for d in dtypes)
+    smallest = SIGMA_RESOLUTION * eps * max(float(rms), 1e-30)
+    if sigma < smallest:
+        names = "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise ValueError(
+            f"`sigma`={sigma:g} is below the resolution of {names} at these inputs' scale (RMS {float(rms):.3g}): "
+            f"the perturbation x + sigma * eps is rounded by more than 10 % per element and the estimate measures "
+            f"rounding. Use sigma >= {smallest:.2g} ({SIGMA_RESOLUTION:g} x eps x RMS), or a wider dtype "
+            "(no autocast for the penalty)."
+        )
+    _sigma_checked.set(critic, frozenset(seen | dtypes))
+
+
 def _settings(critic: Any, sigma: Any, draws: Any, scheme: Any) -> tuple[float, int]:
     check_critic(critic)
     sigma = check_number(sigma, "sigma", low=0.0, strict=True)
@@ -106,6 +145,7 @@ def _estimate(
     check_generator(generator, first)
     call = resolve_critic_args(critic_args, critic_kwargs, first.shape[0])
     xs = tuple(x.detach() for x in xs)
+    check_sigma(critic, xs, sigma)
     extra = {} if generator is None else {"generator": generator}  # see _penalty._rand
     a, b = SCHEMES[scheme]
 
@@ -125,7 +165,7 @@ def _estimate(
         eps = tuple(torch.randn(x.shape, dtype=x.dtype, device=x.device, **extra) for x in xs)
         pairs.append((at(a, eps), at(b, eps)))
 
-    if not can_fuse(critic):
+    if not can_fuse(critic) or call.sample_lists:  # a list of N labels cannot be tiled with the points
         scores = _separate(critic, call, points, Replay(critic, first.device))
     elif torch.compiler.is_compiling():
         scores = _fused(critic, call, points)
@@ -219,13 +259,17 @@ def approx_squared_norms_from(outputs: Tensor, perturbed: Tensor, *, sigma: floa
     if outputs.ndim == 0:
         raise ValueError("`outputs` must hold one score per sample (N, ...), got a scalar (reduced with .mean()?).")
     n = outputs.shape[0]
+    if n == 0:
+        raise ValueError(f"`outputs` must hold at least one sample, got an empty batch {tuple(outputs.shape)}.")
     if not isinstance(perturbed, Tensor):
         raise TypeError(f"`perturbed` must be a Tensor, got {_type_name(perturbed)}.")
     rows = perturbed.shape[0] if perturbed.ndim else 0
-    if n == 0 or rows == 0 or rows % n or perturbed.shape[1:] != outputs.shape[1:]:
+    if rows == 0 or rows % n or perturbed.shape[1:] != outputs.shape[1:]:
+        expected = (f"K*{n}", *map(str, outputs.shape[1:]))
+        shape = f"({expected[0]},)" if len(expected) == 1 else f"({', '.join(expected)})"
         raise ValueError(
             f"`perturbed` must stack K >= 1 draws shaped like `outputs` {tuple(outputs.shape)}, i.e. "
-            f"({', '.join([f'K*{n}', *map(str, outputs.shape[1:])])}); got {tuple(perturbed.shape)}."
+            f"{shape}; got {tuple(perturbed.shape)}."
         )
     clean = _scores(check_critic_output(outputs, n, "outputs"), n)
     noisy = _scores(check_critic_output(perturbed, rows, "perturbed"), rows).view(rows // n, n)

@@ -11,11 +11,17 @@ The critic is called as ``critic(*inputs, *critic_args, **critic_kwargs)``. Each
 
 The rule, with no guessing from shapes: ``nn.Parameter``\\ s, 0-d tensors and tensors wrapped in
 :func:`shared` are shared; every other tensor is per-sample, and one whose leading dimension is not
-N is refused with an error that says how to mark it shared. Non-tensor values are passed as is.
+N is refused with an error that says how to mark it shared. A per-sample tensor that is a leaf
+requiring grad (a learnable table that is not an ``nn.Parameter``, with N rows by chance) gets a
+warning on every backend, since its gradient is dropped. Non-tensor values are passed as is; a list
+or tuple of N non-tensor values (labels from a collate) is passed whole, so paths that call the
+critic on another number of rows (one sample for ``func``, stacked copies for a fused estimate) do
+not use it as per-sample: ``func`` says so, the estimators run one forward per point.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +96,8 @@ class CriticCall:
     leaves: tuple[Any, ...]
     per_sample: tuple[bool, ...]
     spec: pytree.TreeSpec
+    names: tuple[str, ...] = ()  # where each leaf came from: "critic_args[0]", "critic_kwargs['y']"
+    sample_lists: bool = False  # a list/tuple of N non-tensor values is among the arguments
 
     def __call__(self, critic: Callable[..., Tensor], *inputs: Tensor) -> Any:
         """Call the critic on a batch: ``critic(*inputs, *critic_args, **critic_kwargs)``."""
@@ -104,7 +112,11 @@ class CriticCall:
         """The same call with the per-sample tensors replaced by ``rows`` (in :meth:`rows` order)."""
         it = iter(rows)
         leaves = tuple(next(it) if b else v for v, b in zip(self.leaves, self.per_sample, strict=True))
-        return CriticCall(leaves, self.per_sample, self.spec)
+        return CriticCall(leaves, self.per_sample, self.spec, self.names, self.sample_lists)
+
+    def row_names(self) -> list[str]:
+        """Where the per-sample tensors came from, in :meth:`rows` order (for messages)."""
+        return [n for n, b in zip(self.names, self.per_sample, strict=True) if b]
 
     def tiled(self, times: int) -> CriticCall:
         """The call for a batch of ``times`` stacked copies of the samples (``torch.cat([x] * times)``)."""
@@ -113,13 +125,27 @@ class CriticCall:
         return self.with_rows(tuple(torch.cat([r] * times) for r in self.rows()))
 
 
+def _has_sample_list(value: Any, n: int) -> bool:
+    """A list or tuple of ``n`` non-tensor items (per-sample data that is not a tensor), at any depth."""
+    if isinstance(value, dict):
+        return any(_has_sample_list(v, n) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        if len(value) == n and n > 1 and not any(isinstance(v, (Tensor, Shared, list, tuple, dict)) for v in value):
+            return True
+        return any(_has_sample_list(v, n) for v in value)
+    return False
+
+
 def resolve_critic_args(critic_args: Any, critic_kwargs: Any, n: int) -> CriticCall:
     """Validate ``critic_args``/``critic_kwargs`` and sort their tensors into per-sample and shared."""
     args, kwargs = check_call_args(critic_args, critic_kwargs)
+    if not args and not kwargs:  # the common case, without the flattening
+        return _EMPTY
     is_shared = lambda v: isinstance(v, Shared)
     keyed, spec = pytree.tree_flatten_with_path((args, kwargs), is_leaf=is_shared)
-    leaves, mask = [], []
+    leaves, mask, names = [], [], []
     for key_path, v in keyed:
+        names.append(_path(key_path))
         if isinstance(v, Shared):
             leaves.append(v.value)
             mask.append(False)
@@ -133,6 +159,19 @@ def resolve_critic_args(critic_args: Any, critic_kwargs: Any, n: int) -> CriticC
                 "sample uses this tensor whole, wrap it: gradpen.shared(tensor)."
             )
         else:
+            if v.requires_grad and v.is_leaf:
+                warnings.warn(
+                    f"`{_path(key_path)}` is a leaf tensor that requires grad, with N={n} rows, so it is taken as "
+                    "per-sample (row i for sample i) and used as a constant: the penalty's gradient does not reach "
+                    "it. If it is a learnable table that every sample uses whole, pass gradpen.shared(tensor) "
+                    "(or make it an nn.Parameter).",
+                    UserWarning,
+                    stacklevel=5,
+                )
             leaves.append(v.detach())
             mask.append(True)
-    return CriticCall(tuple(leaves), tuple(mask), spec)
+    lists = any(_has_sample_list(v, n) for v in (*args, *kwargs.values()))
+    return CriticCall(tuple(leaves), tuple(mask), spec, tuple(names), lists)
+
+
+_EMPTY = CriticCall((), (), pytree.tree_flatten(((), {}))[1])

@@ -40,9 +40,10 @@ values and norms are exact, and only their dependence on the parameters is finit
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -207,7 +208,8 @@ def func_grads(
     check_exact_critic(critic)
     inputs = tuple(x.detach() for x in inputs)
     if not _under_compile(critic):
-        refuse_if_coupled(critic, lambda: batch_coupled_by_forward(critic, inputs, call), "func")
+        with _row_hint(call):
+            refuse_if_coupled(critic, lambda: batch_coupled_by_forward(critic, inputs, call), "func")
     elif batch_coupled_modules(critic):
         raise ValueError(_batchnorm_message(batch_coupled_modules(critic), "backend='func' cannot run"))
 
@@ -219,10 +221,34 @@ def func_grads(
         return total if seed is None else total * seed
 
     per_sample = torch.func.vmap(torch.func.grad(one_sample), randomness="different")
-    if create_graph and not _under_compile(critic):
-        probe_graph(critic, inputs, call)
-    with torch.enable_grad() if create_graph else torch.no_grad(), math_attention(), func_limits():
-        return per_sample(inputs, call.rows())
+    with _row_hint(call):
+        if create_graph and not _under_compile(critic):
+            probe_graph(critic, inputs, call)
+        with torch.enable_grad() if create_graph else torch.no_grad(), math_attention(), func_limits():
+            return per_sample(inputs, call.rows())
+
+
+@contextlib.contextmanager
+def _row_hint(call: CriticCall) -> Iterator[None]:
+    """func: a failure of the critic on one sample's rows says which tensors it was given per sample."""
+    try:
+        yield
+    except (IndexError, RuntimeError, ValueError) as e:
+        hint = []
+        if call.rows():
+            hint.append(
+                f"it gives it that sample's row of each per-sample tensor in critic_args/critic_kwargs "
+                f"({', '.join(call.row_names())}); a tensor the critic uses whole, such as an embedding table with "
+                "N rows by chance, must be passed as gradpen.shared(tensor)"
+            )
+        if call.sample_lists:
+            hint.append(
+                "a list or tuple of N non-tensor values (labels from a collate) is passed whole, not per "
+                "sample; pass it as a tensor with N rows"
+            )
+        if isinstance(e, UnsupportedCriticError) or not hint or torch.compiler.is_compiling() or "one sample" in str(e):
+            raise
+        raise type(e)(f"{e}\n(backend='func' calls the critic on one sample at a time: {'; '.join(hint)}.)") from e
 
 
 def _one_sample_output(out: Any, n: int) -> None:
@@ -505,7 +531,7 @@ def directional_derivative(
 
     signs = (1.0,) if at_x is not None else (1.0, -1.0)
     points = [moved(s) for s in signs]
-    if len(points) == 2 and can_fuse(critic) and not replay.drew_random:
+    if len(points) == 2 and can_fuse(critic) and not (replay.drew_random or call.sample_lists):
         replay.rewind()
         stacked = tuple(torch.cat(column) for column in zip(*points, strict=True))
         scores = _summed(call.tiled(2)(critic, *stacked), 2 * n).view(2, n)

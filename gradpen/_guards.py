@@ -128,6 +128,9 @@ def critic_key(critic: Any) -> tuple[tuple[Any, ...], list[Any]]:
         elif isinstance(part, types.FunctionType):
             key.append(id(part.__code__))
             anchors.append(part.__code__)
+        elif isinstance(part, type):  # a class (an autograd.Function) lives as long as its module
+            key.append(id(part))
+            anchors.append(part)
         elif isinstance(part, (functools.partial, types.MethodType)):
             continue  # their function and objects are parts of their own
         else:
@@ -379,14 +382,38 @@ def _graph_problem(out: Tensor, inputs: Iterable[Tensor], grads: Iterable[Tensor
     return None
 
 
+def _node_of(t: Tensor) -> Any:
+    """The graph node that stands for tensor ``t``: its grad_fn, or a leaf's gradient accumulator."""
+    if t.grad_fn is not None:
+        return t.grad_fn
+    return t.view_as(t).grad_fn.next_functions[0][0]
+
+
+def _reaches(t: Tensor, targets: set[Any], avoid: set[Any]) -> bool:
+    """Whether the graph of ``t`` leads to one of the nodes ``targets`` other than through ``avoid``."""
+    seen: set[Any] = set()
+    todo = [t.grad_fn] if t.grad_fn is not None else []
+    while todo:
+        node = todo.pop()
+        if node in targets:
+            return True
+        if node in seen or node in avoid:
+            continue
+        seen.add(node)
+        todo.extend(n for n, _ in node.next_functions if n is not None)
+    return False
+
+
 class FunctionWatch:
     """Hooks on the custom ``torch.autograd.Function``\\ s between ``out`` and ``inputs`` that find a
     backward which leaves autograd (NumPy, an extension kernel, ``.detach()``) without saying so with
-    ``@once_differentiable``: during a ``create_graph=True`` backward, it got a gradient that requires
-    grad and returned one that does not, so its second-order terms would be lost without an error.
+    ``@once_differentiable``. During the ``create_graph=True`` backward, a Function that saved tensors
+    requiring grad (its input or output, to compute its derivative) must return gradients whose graph
+    leads back to them other than through the incoming gradients; one that does not has a derivative
+    that autograd cannot differentiate, and its second-order terms would be lost without an error.
 
-    A backward that is exact but returns constants for constant incoming gradients (at the critic's
-    output) cannot be told apart and is not reported; :func:`gradpen.compare_backends` finds the rest.
+    A Function that saves nothing (a linear map with constant coefficients, exact without any
+    second-order term) is not reported; :func:`gradpen.compare_backends` finds what this cannot.
     """
 
     def __init__(self, out: Tensor, inputs: Iterable[Tensor]) -> None:
@@ -395,13 +422,19 @@ class FunctionWatch:
         for node in _input_paths(out, inputs):
             cls = getattr(node, "_forward_cls", None)
             if cls is not None and getattr(cls.backward, "__code__", None) is not _ONCE_CODE:
-                self.handles.append(node.register_hook(self._hook(cls.__qualname__)))
+                self.handles.append(node.register_hook(self._hook(node, cls.__qualname__)))
 
-    def _hook(self, name: str) -> Any:
+    def _hook(self, node: Any, name: str) -> Any:
         def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]) -> None:
-            if any(g is not None and g.requires_grad for g in grad_outputs) and any(
-                g is not None and not g.requires_grad for g in grad_inputs
-            ):
+            try:
+                saved = [t for t in node.saved_tensors if isinstance(t, Tensor) and t.requires_grad]
+            except RuntimeError:  # saved tensors already freed: nothing to tell
+                return
+            if not saved:
+                return
+            targets = {_node_of(t) for t in saved}
+            avoid = {g.grad_fn for g in grad_outputs if g is not None and g.grad_fn is not None}
+            if any(g is not None and not _reaches(g, targets, avoid) for g in grad_inputs):
                 self.broken.append(name)
 
         return hook
@@ -413,8 +446,8 @@ class FunctionWatch:
             return None
         return (
             f"the torch.autograd.Function `{self.broken[0]}`, whose backward returned a gradient that is "
-            "detached from the graph (NumPy, an extension kernel or .detach() inside backward), so its "
-            "backward cannot be differentiated"
+            "detached from the tensors it saved (NumPy, an extension kernel or .detach() inside backward), so "
+            "its backward cannot be differentiated"
         )
 
 

@@ -566,3 +566,63 @@ def test_fsdp2_gradients_equal_unsharded_reference(tmp_path):
         want = grads if want is None else [(a + b) / 2 for a, b in zip(want, grads, strict=True)]
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize(("sigma", "dtype"), [(1e-8, torch.float32), (1e-12, torch.float32), (1e-300, torch.float64)])
+def test_sigma_below_the_dtype_resolution_is_refused(sigma, dtype):
+    """A sigma below 10 eps x RMS of the inputs (float32 1e-8: 100x the exact R1; 1e-12: exactly 0; 1e-300:
+    NaN) is refused, naming the smallest usable sigma; one just above it runs and is finite."""
+    critic = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+    x = torch.randn(16, 4, dtype=dtype)
+    with pytest.raises(ValueError, match=r"`sigma`=.* is below the resolution of float.*Use sigma >= "):
+        gradpen.approx_r1_penalty(critic, x, sigma=sigma)
+    smallest = 10 * torch.finfo(dtype).eps * x.square().mean().sqrt().item()
+    assert torch.isfinite(gradpen.approx_r1_penalty(critic, x, sigma=2 * smallest))
+
+
+def test_sigma_is_checked_against_the_autocast_dtype():
+    """Under bf16 autocast the critic computes in bfloat16: sigma = 0.01 on unit-scale inputs is a few bf16 ulps,
+    refused; sigma = 0.2 is accepted."""
+    critic = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(16, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="resolution of bfloat16"):
+            gradpen.approx_r1_penalty(critic, x, sigma=0.01)
+        gradpen.approx_r1_penalty(critic, x, sigma=0.2)
+
+
+def test_meta_tensors_run_for_shape_dry_runs():
+    """approx_* on meta tensors (shape dry runs) give a meta result of the right shape, as the exact penalties do."""
+    critic = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.Tanh(), nn.Linear(8, 1)).to("meta")
+    x = torch.randn(6, 4, device="meta")
+    for fn in (gradpen.approx_r1_penalty, gradpen.approx_r2_penalty):
+        est = fn(critic, x, reduction="none")
+        assert est.device.type == "meta" and est.shape == (6,)
+
+
+def test_a_list_of_n_labels_takes_the_separate_path():
+    """A per-sample list of N labels cannot be tiled with the points: the estimate equals the one with the labels
+    as a tensor (which the fused path tiles), with the same eps."""
+    lin = nn.Linear(2, 3, bias=False).double()  # a visible module: the tensor labels take the fused path
+    critic = lambda x, y: lin(x).tanh()[torch.arange(x.shape[0]), torch.as_tensor(y)]
+    x, labels = torch.randn(8, 2, dtype=torch.float64), [0, 1, 2, 0, 1, 2, 0, 1]
+    gen = lambda: torch.Generator().manual_seed(0)
+    as_list = gradpen.approx_r1_penalty(critic, x, critic_args=(labels,), generator=gen())
+    as_tensor = gradpen.approx_r1_penalty(critic, x, critic_args=(torch.tensor(labels),), generator=gen())
+    torch.testing.assert_close(as_list, as_tensor, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "perturbed", "match"),
+    [
+        (torch.randn(0, 1), torch.randn(4, 1), r"`outputs` must hold at least one sample, got an empty batch \(0, 1\)"),
+        (torch.randn(4), torch.randn(6), r"i\.e\. \(K\*4,\); got \(6,\)"),
+    ],
+)
+def test_squared_norms_from_messages_name_the_right_argument(outputs, perturbed, match):
+    """Empty outputs blame `outputs`, not `perturbed`; a 1-D shape is printed as a tuple, (K*4,)."""
+    with pytest.raises(ValueError, match=match):
+        gradpen.approx_squared_norms_from(outputs, perturbed, sigma=0.1)

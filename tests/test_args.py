@@ -120,3 +120,51 @@ def test_shared_marker_rejects_non_tensors():
     """gradpen.shared takes a tensor and says so otherwise."""
     with pytest.raises(TypeError, match=r"`gradpen\.shared` takes a Tensor, got list"):
         gradpen.shared([1, 2])
+
+
+# --------------------------------------------------------------------------- forgetting gradpen.shared
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unmarked_learnable_table_with_n_rows_warns_on_both_backends(backend):
+    """A leaf tensor that requires grad and has N rows by chance is per-sample by the rule; both backends warn
+    that its gradient is dropped and point to gradpen.shared; wrapped in shared it gets no warning."""
+    critic = _prototype_critic()
+    x, table = torch.randn(4, 3, **F64), torch.randn(4, 3, **F64, requires_grad=True)
+    warns = pytest.warns(UserWarning, match=r"critic_args\[0\]` is a leaf tensor that requires grad.*gradpen.shared")
+    if backend == "autograd":
+        with warns:
+            gradpen.r1_penalty(critic, x, critic_args=(table,), backend=backend)
+    else:  # func then also fails: one row of the table is not a table, and it says so
+        with warns, pytest.raises(RuntimeError, match=r"gradpen\.shared"):
+            gradpen.r1_penalty(critic, x, critic_args=(table,), backend=backend)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradpen.r1_penalty(critic, x, critic_args=(gradpen.shared(table),), backend=backend)
+
+
+def test_func_says_which_per_sample_tensor_it_sliced():
+    """When the critic fails on func's one-sample rows, the error names the per-sample tensors and
+    gradpen.shared, not only the raw IndexError."""
+    emb = torch.randn(4, 5, **F64)  # an embedding table with N=4 rows, not marked shared
+    labels = torch.tensor([0, 3, 1, 2])
+    critic = lambda x, table, y: (x * table[y]).sum(1)
+    with pytest.raises((IndexError, RuntimeError), match=r"critic_args\[0\], critic_args\[1\].*gradpen.shared"):
+        gradpen.r1_penalty(critic, torch.randn(4, 5, **F64), critic_args=(emb, labels), backend="func")
+
+
+def test_a_list_of_n_labels_is_passed_whole_and_func_says_why_it_fails():
+    """A per-sample list of N labels (a collate's output) is passed whole: autograd gives the loop's norms,
+    func explains that it calls the critic on one sample and asks for a tensor."""
+    labels = [0, 2, 1, 0]
+    w = torch.randn(2, 3, **F64)
+    critic = lambda x, y: (x @ w)[torch.arange(len(y)), torch.tensor(y)].tanh()
+    x = torch.randn(4, 2, **F64)
+    want = torch.stack(
+        [gradpen.gradient_norms(lambda z, i=i: critic(z, [labels[i]]), x[i : i + 1])[0] for i in range(4)]
+    )
+    torch.testing.assert_close(gradpen.gradient_norms(critic, x, critic_args=(labels,)), want)
+    with pytest.raises((ValueError, IndexError), match=r"one sample at a time.*(list|N=4).*as a tensor with N"):
+        gradpen.gradient_norms(critic, x, critic_args=(labels,), backend="func")

@@ -17,7 +17,30 @@ import gradpen
 
 pytestmark = pytest.mark.slow
 WORLD = 2
-CASES = ["fsdp2", "ddp_static_graph", "ddp_set_static_graph"]
+CASES = [
+    "fsdp2",
+    "ddp_static_graph",
+    "ddp_set_static_graph",
+    "fsdp2_in_a_list_in_a_closure",
+    "ddp_static_graph_in_an_object",
+]
+
+
+class Holder:
+    """A callable object that wraps the critic, as training code does (an EMA helper, a loss object)."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x):
+        return self.net(x)
+
+
+def _in_a_closure(nets):
+    inner = lambda x: nets[0](x)
+    return lambda x: inner(x)  # a closure over a function whose closure holds a list
+
+
 CALLS = ["gradient_penalty/autograd", "gradient_penalty/func", "r1_penalty/autograd", "gradient_norms/func"]
 
 
@@ -27,6 +50,10 @@ def _critic():
 
 
 def _wrap(case):
+    if case == "fsdp2_in_a_list_in_a_closure":
+        return _in_a_closure([_wrap("fsdp2")])
+    if case == "ddp_static_graph_in_an_object":
+        return Holder(_wrap("ddp_static_graph"))
     critic = _critic()
     if case == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -99,19 +126,22 @@ def outcomes(tmp_path_factory):
     return [json.loads((d / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
+@pytest.mark.parametrize("case", ["fsdp2", "fsdp2_in_a_list_in_a_closure"])
 @pytest.mark.parametrize("name", CALLS)
-def test_fsdp2_exact_penalties_refused_on_every_rank(outcomes, name):
-    """With fully_shard (FSDP2), every exact penalty raises UnsupportedCriticError naming FSDP, on both ranks."""
+def test_fsdp2_exact_penalties_refused_on_every_rank(outcomes, case, name):
+    """With fully_shard (FSDP2), also hidden in a list in a nested closure, every exact penalty raises
+    UnsupportedCriticError naming FSDP, on both ranks."""
     for seen in outcomes:
-        kind, msg = seen["refusals"][f"fsdp2 {name}"]
+        kind, msg = seen["refusals"][f"{case} {name}"]
         assert kind == "UnsupportedCriticError", (kind, msg)
         assert "FSDP module" in msg and "FSDPSequential" in msg and "approx_gradient_penalty" in msg
 
 
-@pytest.mark.parametrize("case", ["ddp_static_graph", "ddp_set_static_graph"])
+@pytest.mark.parametrize("case", ["ddp_static_graph", "ddp_set_static_graph", "ddp_static_graph_in_an_object"])
 @pytest.mark.parametrize("name", CALLS)
 def test_static_graph_ddp_refused_on_every_rank(outcomes, case, name):
-    """DDP(static_graph=True), or DDP after _set_static_graph(), raises naming static_graph and the fix."""
+    """DDP(static_graph=True), or DDP after _set_static_graph(), also behind a callable wrapper object, raises
+    naming static_graph and the fix."""
     for seen in outcomes:
         kind, msg = seen["refusals"][f"{case} {name}"]
         assert kind == "UnsupportedCriticError", (kind, msg)

@@ -3,6 +3,7 @@ error that says what to do instead; the check runs once per critic and leaves no
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -184,3 +185,130 @@ def test_lambda_made_on_every_call_is_checked_once(backend, monkeypatch):
     for _ in range(3):
         gradpen.r1_penalty(lambda x: torch.tanh(x @ w), x, backend=backend)  # w is a closure tensor, no module
     assert len(walks) == 2
+
+
+# --------------------------------------------------------------------------- modules wherever a user puts them
+
+
+class _Holder:
+    """A callable object wrapping the critic (an EMA helper, a loss object)."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x):
+        return self.net(x)
+
+
+def _bn_critic():
+    return nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+def _nested(net):
+    inner = lambda x: net(x)
+    return lambda x: inner(x)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [_Holder, _nested, lambda net: (lambda nets: lambda x: nets["d"](x))({"d": net})],
+    ids=["callable-object", "nested-closure", "dict-in-closure"],
+)
+def test_batchnorm_is_seen_behind_wrappers(wrap):
+    """BatchNorm is found behind a callable object, a closure over another function and a dict in a closure:
+    the autograd backend warns, func refuses."""
+    critic = wrap(_bn_critic())
+    with pytest.warns(UserWarning, match="BatchNorm in training mode"):
+        gradpen.r1_penalty(critic, _x())
+    with pytest.raises(ValueError, match="BatchNorm in training mode"):
+        gradpen.r1_penalty(critic, _x(), backend="func")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_critic_on_the_same_module_is_checked_too(backend):
+    """A critic built on an already checked module that adds a @once_differentiable op (a second head) is
+    checked and refused: the check is keyed by the code and modules that run, not the first module."""
+    net = FnCritic(torch.tanh).double()
+    gradpen.r1_penalty(net, _x(), backend=backend)  # checked, fine
+    head = lambda x: OnceSquare.apply(net(x))
+    with pytest.raises(UnsupportedCriticError, match="once_differentiable"):
+        gradpen.r1_penalty(head, _x(), backend=backend)
+
+
+class _NumpyTanh(torch.autograd.Function):
+    """tanh whose backward computes the derivative with NumPy: right once, not differentiable, not marked."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.from_numpy(1 - np.tanh(x.detach().numpy()) ** 2)
+
+
+def test_a_backward_that_leaves_autograd_is_refused_and_compare_backends_shows_it():
+    """A custom Function whose backward uses NumPy (not marked @once_differentiable) is refused by the autograd
+    backend; compare_backends reports the refusal and that fd runs it; without the watch the exact gradient
+    would be 10 % off (measured here against fd on the differentiable twin)."""
+    lin1, lin2 = nn.Linear(3, 16).double(), nn.Linear(16, 1).double()
+    critic = lambda x: lin2(torch.tanh(_NumpyTanh.apply(lin1(x))))
+    with pytest.raises(UnsupportedCriticError, match=r"_NumpyTanh.*detached from the tensors it saved"):
+        gradpen.r1_penalty(critic, _x(8))
+    report = gradpen.compare_backends(critic, _x(8))
+    assert "autograd" in report.errors and "func" in report.errors and "fd" in report.grads
+    twin = lambda x: lin2(torch.tanh(torch.tanh(lin1(x))))
+    assert gradpen.compare_backends(twin, _x(8)).agree(tol=1e-6)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Rounds the weights to a grid with a straight-through backward, marked @once_differentiable (QAT)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return (w * 8).round() / 8
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return g
+
+
+class _Quantised(nn.Module):
+    def __init__(self, quant):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin1, self.lin2, self.quant = nn.Linear(3, 8).double(), nn.Linear(8, 1).double(), quant
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.tanh(self.lin1(x)), self.quant(self.lin2.weight), self.lin2.bias)
+
+
+class _PlainFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        return (w * 8).round() / 8
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_once_differentiable_op_on_the_weights_only_is_accepted():
+    """A straight-through fake quantiser on the weights (never on the input-gradient path) is not refused by the
+    autograd backend, and the penalty and its gradients equal those with the @once_differentiable marker
+    removed. (func cannot run an old-style Function at all.)"""
+    x = _x(6)
+    results = []
+    for quant in (_FakeQuant.apply, _PlainFakeQuant.apply):
+        critic = _Quantised(quant)
+        value = gradpen.r1_penalty(critic, x)
+        value.backward()
+        results.append(
+            (value.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in critic.parameters()])
+        )
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

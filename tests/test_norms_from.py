@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gradpen
 from tests import _reference as ref
@@ -132,3 +137,105 @@ def test_errors():
         gradpen.gradient_norms_from(critic(leaf), (leaf, x))
     with pytest.raises(TypeError, match="`create_graph` must be a bool"):
         gradpen.gradient_norms_from(critic(leaf), leaf, create_graph=None)
+
+
+# --------------------------------------------------------------------------- refusals instead of silent zeros
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda net, x: (net(x).detach(), x), "not attached to a graph.*detached"),
+        (lambda net, x: (_under_no_grad(net, x), x), r"not attached to a graph: the forward ran under torch.no_grad"),
+        (
+            lambda net, x: (net(x), x.detach().requires_grad_(True)),
+            "not computed from `inputs`.*made after the forward",
+        ),
+        (
+            lambda net, x: (x, net(x)),
+            r"Are the arguments swapped\? The order is gradient_norms_from\(outputs, inputs\)",
+        ),
+    ],
+    ids=["detached", "no_grad", "leaf-after-forward", "swapped"],
+)
+def test_outputs_not_attached_to_the_inputs_are_refused(make, match):
+    """Outputs that never reached the inputs (detached, a no_grad forward, a leaf made after the forward, the
+    arguments swapped as R3GAN orders them) raise, naming the likely cause, instead of returning zero norms."""
+    x = torch.randn(5, 3, requires_grad=True)
+    outputs, inputs = make(_net(), x)
+    with pytest.raises(ValueError, match=match):
+        gradpen.gradient_norms_from(outputs, inputs)
+
+
+def _under_no_grad(net, x):
+    with torch.no_grad():
+        return net(x)
+
+
+def test_non_leaf_inputs_are_refused():
+    """R2 from the loss's forward on an undetached fake would send the penalty's gradient into the generator:
+    a non-leaf input is refused, as r2_penalty treats fake as a constant."""
+    gen = nn.Linear(2, 3)
+    fake = gen(torch.randn(5, 2))  # requires grad, not a leaf
+    net = _net()
+    with pytest.raises(ValueError, match=r"is not a leaf.*generator"):
+        gradpen.gradient_norms_from(net(fake), fake)
+    leaf = fake.detach().requires_grad_(True)
+    gradpen.gradient_norms_from(net(leaf), leaf).square().mean().backward()
+    assert gen.weight.grad is None
+
+
+class _OnceTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+def test_ops_without_a_double_backward_are_refused_from_the_graph():
+    """A critic whose last op is @once_differentiable is refused like r1_penalty refuses it (not silently wrong),
+    and a fused-SDPA critic is refused at the call, naming backend='fd', not later in loss.backward()."""
+    net = _net()
+    x = torch.randn(5, 3, requires_grad=True)
+    with pytest.raises(gradpen.UnsupportedCriticError, match="once_differentiable"):
+        gradpen.gradient_norms_from(_OnceTanh.apply(net(x)), x)
+    q = torch.randn(2, 2, 6, 4)
+    x = q.clone().requires_grad_(True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = F.scaled_dot_product_attention(x, x, x).flatten(1).sum(1)
+    with pytest.raises(gradpen.UnsupportedCriticError, match=r"without a double backward.*backend='fd'"):
+        gradpen.gradient_norms_from(out, x)
+
+
+def test_critic_given_makes_the_checks_once_per_critic_and_warns_about_coupling():
+    """With critic=, a minibatch-std critic gets the batch-coupling warning (its R1 is the batch-sum gradient,
+    StyleGAN2's); a per-sample critic gets none."""
+
+    class MinibatchStd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(3, 8), nn.Linear(9, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            return self.head(torch.cat([h, h.std(0).mean().expand(x.shape[0], 1)], 1))
+
+    coupled, plain = MinibatchStd(), _net()
+    x = torch.randn(6, 3, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"couples the samples of a batch.*StyleGAN2"):
+        gradpen.gradient_norms_from(coupled(x), x, critic=coupled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradpen.gradient_norms_from(plain(x), x, critic=plain)

@@ -527,3 +527,30 @@ def test_batchnorm_is_seen_through_partial_and_bound_methods(wrap):
         gradpen.gradient_penalty(critic, real, fake)
     with pytest.raises(ValueError, match="backend='func' cannot run a critic with BatchNorm"):
         gradpen.gradient_penalty(critic, real, fake, backend="func")
+
+
+# --------------------------------------------------------------------------- hardening: seed and norm precision
+
+
+def test_gradscaler_seed_is_a_power_of_two_so_the_norm_is_unbiased():
+    """Under a GradScaler whose scale / N is not a power of two (1000 / 3), an fp16 critic's norm is the unscaled
+    one to float32 rounding: the seed is rounded to a power of two, exact in fp16, and divided out as used
+    (an unrounded seed of 333.3 rounds to 333.25 in fp16: a 2.5e-4 bias)."""
+    critic = nn.Linear(4, 1, bias=False).half()
+    with torch.no_grad():
+        critic.weight.copy_(torch.tensor([[0.5, -1.0, 0.25, 2.0]]))
+    x = torch.randn(3, 4).half()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1000.0)
+    got = gradpen.gradient_norms(critic, x, scaler=scaler)
+    want = torch.tensor([0.5, -1.0, 0.25, 2.0]).norm()
+    torch.testing.assert_close(got, want.expand(3), rtol=1e-7, atol=0)
+
+
+def test_bf16_gradients_are_normed_in_float32():
+    """The overflow-safe norm of bfloat16 rows divides in float32: it equals the float32 norm of the same
+    bfloat16 values to 1e-6 (a bfloat16 division rounds every element: 2e-3)."""
+    from gradpen._penalty import _norm
+
+    rows = (torch.randn(8, 4096) * 3).bfloat16()
+    want = rows.float().norm(dim=1)
+    torch.testing.assert_close(_norm(rows, torch.float32), want, rtol=1e-6, atol=0)
