@@ -54,7 +54,9 @@ from gradpen._checks import _type_name, check_bool, check_choice, check_critic_o
 from gradpen._forwards import Replay, can_fuse
 from gradpen._guards import (
     FunctionWatch,
+    Scan,
     UnsupportedCriticError,
+    attention_context,
     batch_coupled_modules,
     check_distributed_fd,
     check_exact_critic,
@@ -89,10 +91,12 @@ def _batchnorm_message(coupled: list[str], what: str) -> str:
     )
 
 
-def warn_if_coupled(critic: Any, out: Tensor, leaves: tuple[Tensor, ...], stacklevel: int) -> None:
+def warn_if_coupled(
+    critic: Any, out: Tensor, leaves: tuple[Tensor, ...], stacklevel: int, scan: Scan | None = None
+) -> None:
     """The autograd backend (and gradient_norms_from with a critic): warn about batch coupling, by type
     (BatchNorm) or by behaviour (:func:`gradpen._probes.batch_coupled`, on the graph of ``out``)."""
-    coupled = batch_coupled_modules(critic)
+    coupled = batch_coupled_modules(critic, scan)
     if coupled:
         warnings.warn(
             f"The critic has BatchNorm in training mode ({', '.join(coupled[:3])}), which couples the "
@@ -113,9 +117,11 @@ def warn_if_coupled(critic: Any, out: Tensor, leaves: tuple[Tensor, ...], stackl
         )
 
 
-def refuse_if_coupled(critic: Any, coupled_by_behaviour: Callable[[], bool], backend: str) -> None:
+def refuse_if_coupled(
+    critic: Any, coupled_by_behaviour: Callable[[], bool], backend: str, scan: Scan | None = None
+) -> None:
     """func and fd: a batch-coupled critic is refused (they cannot give the batch-sum gradient)."""
-    coupled = batch_coupled_modules(critic)
+    coupled = batch_coupled_modules(critic, scan)
     if coupled:
         raise ValueError(_batchnorm_message(coupled, f"backend={backend!r} cannot run"))
     if coupled_by_behaviour():
@@ -155,13 +161,14 @@ def autograd_grads(
     """
     if _under_compile(critic):
         return func_grads(critic, inputs, call, seed, create_graph)
-    check_exact_critic(critic)
+    scan = Scan(critic)
+    check_exact_critic(critic, scan)
     n = inputs[0].shape[0]
     leaves = tuple(x.detach().requires_grad_(True) for x in inputs)
     with torch.enable_grad():
-        with math_attention():
+        with attention_context(critic):
             out = check_critic_output(call(critic, *leaves), n)
-        warn_if_coupled(critic, out, leaves, stacklevel=6)
+        warn_if_coupled(critic, out, leaves, 6, scan)
         check = create_graph and out.requires_grad and not graph_checked(critic)
         watch = FunctionWatch(out, leaves) if check else None
         grads = input_grads(out, leaves, seed, create_graph)
@@ -205,13 +212,14 @@ def func_grads(
         ValueError: for a critic that couples the samples of a batch (BatchNorm in training mode, or
             found by behaviour).
     """
-    check_exact_critic(critic)
+    scan = Scan(critic)
+    check_exact_critic(critic, scan)
     inputs = tuple(x.detach() for x in inputs)
     if not _under_compile(critic):
         with _row_hint(call):
-            refuse_if_coupled(critic, lambda: batch_coupled_by_forward(critic, inputs, call), "func")
-    elif batch_coupled_modules(critic):
-        raise ValueError(_batchnorm_message(batch_coupled_modules(critic), "backend='func' cannot run"))
+            refuse_if_coupled(critic, lambda: batch_coupled_by_forward(critic, inputs, call), "func", scan)
+    elif scan.batchnorm:
+        raise ValueError(_batchnorm_message(batch_coupled_modules(critic, scan), "backend='func' cannot run"))
 
     def one_sample(xs: tuple[Tensor, ...], rows: tuple[Tensor, ...]) -> Tensor:
         out = call.with_rows(tuple(r[None] for r in rows))(critic, *(x[None] for x in xs))
@@ -422,8 +430,9 @@ def check_fd_critic(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall, f
         UnsupportedCriticError: for ``DistributedDataParallel(static_graph=True)``, or a critic with kinks
             (visible layers, or found by the probe).
     """
-    check_distributed_fd(critic)
-    refuse_if_coupled(critic, lambda: False, "fd")
+    scan = Scan(critic)
+    check_distributed_fd(critic, scan)
+    refuse_if_coupled(critic, lambda: False, "fd", scan)
     if fd.allow_kinks:
         return
     alternatives = (
@@ -433,7 +442,7 @@ def check_fd_critic(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall, f
         "where the double backward cannot run (fused attention, FSDP); or "
         "backend=gradpen.FiniteDifference(allow_kinks=True) to accept it"
     )
-    kinked = kinked_modules(critic)
+    kinked = kinked_modules(critic, scan)
     if kinked:
         raise UnsupportedCriticError(
             f"backend='fd' cannot give the exact penalty's gradient for this critic: it has piecewise-linear "

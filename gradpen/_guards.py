@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 if TYPE_CHECKING:
     from gradpen._args import CriticCall
@@ -160,19 +162,9 @@ class CriticCache:
         self._values[key] = value
 
 
-def batch_coupled_modules(critic: Any) -> list[str]:
-    """Names of the BatchNorm layers behind ``critic`` that normalise with batch statistics."""
-    return [
-        name or type(m).__name__
-        for module in critic_modules(critic)
-        for name, m in module.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
-    ]
-
-
 # Layers whose output, and so the critic's input gradient, has kinks: the fd backend's finite difference
-# across them gives a wrong parameter gradient. ELU and CELU are smooth enough (a continuous derivative)
-# only with alpha = 1 (CELU: any alpha); SELU's derivative jumps at 0.
+# across them gives a wrong parameter gradient. ELU is smooth enough (a continuous derivative) only with
+# alpha = 1 (CELU with any alpha); SELU's derivative jumps at 0.
 _KINKED = (
     nn.ReLU,
     nn.Hardtanh,  # and ReLU6
@@ -192,20 +184,6 @@ _KINKED = (
 )
 
 
-def kinked_modules(critic: Any) -> list[str]:
-    """Names of the piecewise-linear (kinked) layers behind ``critic``: ReLU and its relatives,
-    max-pooling, and ELU with alpha != 1."""
-    return [
-        f"{name} ({type(m).__name__})" if name else type(m).__name__
-        for module in critic_modules(critic)
-        for name, m in module.named_modules()
-        if isinstance(m, _KINKED) or (isinstance(m, nn.ELU) and m.alpha != 1.0)
-    ]
-
-
-# --- FSDP and static-graph DDP ---------------------------------------------------------------
-
-
 def _wrapper_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(the FSDP2 and FSDP1 classes, the DDP class), from modules already imported: a critic cannot be
     wrapped by a module nobody imported, and gradpen does not pay FSDP's import time. Plain look-ups,
@@ -218,58 +196,90 @@ def _wrapper_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     )
 
 
-def check_exact_critic(critic: Any) -> None:
+class Scan:
+    """What the module guards look for behind a critic, found in one walk over its modules: FSDP and
+    static-graph DDP wrappers, BatchNorm layers with batch statistics, and kinked layers, each as
+    ``(root, name, module)``."""
+
+    __slots__ = ("batchnorm", "fsdp", "kinked", "static_ddp")
+
+    def __init__(self, critic: Any) -> None:
+        fsdp, ddp = _wrapper_classes()
+        self.fsdp: list[tuple[nn.Module, str, nn.Module]] = []
+        self.static_ddp: list[tuple[nn.Module, str, nn.Module]] = []
+        self.batchnorm: list[tuple[nn.Module, str, nn.Module]] = []
+        self.kinked: list[tuple[nn.Module, str, nn.Module]] = []
+        for root in critic_modules(critic):
+            for name, m in root.named_modules():
+                if fsdp and isinstance(m, fsdp):
+                    self.fsdp.append((root, name, m))
+                if ddp and isinstance(m, ddp) and m.static_graph:
+                    self.static_ddp.append((root, name, m))
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
+                    self.batchnorm.append((root, name, m))
+                if isinstance(m, _KINKED) or (isinstance(m, nn.ELU) and m.alpha != 1.0):
+                    self.kinked.append((root, name, m))
+
+
+def batch_coupled_modules(critic: Any, scan: Scan | None = None) -> list[str]:
+    """Names of the BatchNorm layers behind ``critic`` that normalise with batch statistics."""
+    return [name or type(m).__name__ for _, name, m in (scan or Scan(critic)).batchnorm]
+
+
+def kinked_modules(critic: Any, scan: Scan | None = None) -> list[str]:
+    """Names of the piecewise-linear (kinked) layers behind ``critic``: ReLU and its relatives,
+    max-pooling, and ELU with alpha != 1."""
+    return [
+        f"{name} ({type(m).__name__})" if name else type(m).__name__ for _, name, m in (scan or Scan(critic)).kinked
+    ]
+
+
+# --- FSDP and static-graph DDP ---------------------------------------------------------------
+
+
+def check_exact_critic(critic: Any, scan: Scan | None = None) -> None:
     """Refuse, before any work, a critic that is or contains an FSDP module (FSDP2 ``fully_shard`` or
     FSDP1 ``FullyShardedDataParallel``) or a ``DistributedDataParallel`` with a static graph.
 
     Raises:
         UnsupportedCriticError: naming the module, why, and what to do instead.
     """
-    fsdp, ddp = _wrapper_classes()
-    for module in critic_modules(critic):
-        for m in module.modules():
-            if isinstance(m, fsdp):
-                raise UnsupportedCriticError(
-                    f"An exact gradient penalty cannot run through FSDP: the critic contains the FSDP module "
-                    f"{_where(module, m)}. The penalty differentiates the critic twice, and the second backward "
-                    "through FSDP's parameter hooks crashes (FSDP2: 'setStorage ... storage of size 0', "
-                    "https://github.com/pytorch/pytorch/issues/172543) or, with reshard_after_backward=False, "
-                    f"gives wrong or missing gradients without an error. {INSTEAD}; fd and the estimators run "
-                    "in FSDP's ordinary forward and backward. Or DistributedDataParallel, which the exact "
-                    "penalties support."
-                )
-            _check_static_ddp(
-                module, m, ddp, "An exact gradient penalty", "the gradients of the penalty's double backward"
-            )
+    scan = scan or Scan(critic)
+    for _, name, m in scan.fsdp:
+        raise UnsupportedCriticError(
+            f"An exact gradient penalty cannot run through FSDP: the critic contains the FSDP module "
+            f"{_where(name, m)}. The penalty differentiates the critic twice, and the second backward "
+            "through FSDP's parameter hooks crashes (FSDP2: 'setStorage ... storage of size 0', "
+            "https://github.com/pytorch/pytorch/issues/172543) or, with reshard_after_backward=False, "
+            f"gives wrong or missing gradients without an error. {INSTEAD}; fd and the estimators run "
+            "in FSDP's ordinary forward and backward. Or DistributedDataParallel, which the exact "
+            "penalties support."
+        )
+    for _, name, m in scan.static_ddp:
+        raise _static_ddp(name, m, "An exact gradient penalty", "the gradients of the penalty's double backward")
 
 
-def check_distributed_fd(critic: Any) -> None:
+def check_distributed_fd(critic: Any, scan: Scan | None = None) -> None:
     """backend='fd': refuse a ``DistributedDataParallel(static_graph=True)`` critic (FSDP is fine).
 
     Raises:
         UnsupportedCriticError: naming the module, why, and what to do instead.
     """
-    _, ddp = _wrapper_classes()
-    if not ddp:
-        return
-    for module in critic_modules(critic):
-        for m in module.modules():
-            _check_static_ddp(module, m, ddp, "backend='fd'", "the gradients of the penalty's extra forwards")
+    for _, name, m in (scan or Scan(critic)).static_ddp:
+        raise _static_ddp(name, m, "backend='fd'", "the gradients of the penalty's extra forwards")
 
 
-def _check_static_ddp(root: nn.Module, m: nn.Module, ddp: tuple[type, ...], who: str, what: str) -> None:
-    if isinstance(m, ddp) and m.static_graph:
-        raise UnsupportedCriticError(
-            f"{who} cannot run through DistributedDataParallel with static_graph=True ({_where(root, m)}): "
-            f"DDP's static-graph mode expects the graph of one forward per backward and never all-reduces {what}, "
-            "so each rank keeps its own gradients, without an error. Build DDP without static_graph (the "
-            "default, or find_unused_parameters=True; both supported), and do not call _set_static_graph()."
-        )
+def _static_ddp(name: str, m: nn.Module, who: str, what: str) -> UnsupportedCriticError:
+    return UnsupportedCriticError(
+        f"{who} cannot run through DistributedDataParallel with static_graph=True ({_where(name, m)}): "
+        f"DDP's static-graph mode expects the graph of one forward per backward and never all-reduces {what}, "
+        "so each rank keeps its own gradients, without an error. Build DDP without static_graph (the "
+        "default, or find_unused_parameters=True; both supported), and do not call _set_static_graph()."
+    )
 
 
-def _where(root: nn.Module, m: nn.Module) -> str:
-    """``m`` named by its path in ``root``, for an error message."""
-    name = next(n for n, x in root.named_modules() if x is m)
+def _where(name: str, m: nn.Module) -> str:
+    """``m`` named by its path in its root, for an error message."""
     return f"`{name}` ({type(m).__name__})" if name else type(m).__name__
 
 
@@ -320,6 +330,21 @@ _ONCE_CODE = once_differentiable(lambda ctx: None).__code__
 _ERROR_NODES = frozenset({"torch::autograd::NotImplemented", "torch::autograd::Error"})
 # Critics whose graph has passed the check (key: critic_key).
 _graph_checked = CriticCache()
+# Critics seen calling scaled_dot_product_attention in a forward (key: critic_key) -> True / False.
+_attention = CriticCache()
+
+
+class WatchAttention(TorchFunctionMode):
+    """Records whether a forward calls ``scaled_dot_product_attention`` (at any depth)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is F.scaled_dot_product_attention:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
 
 
 def _node_error(node: Any) -> str:
@@ -463,6 +488,25 @@ def _refuse(problem: str) -> UnsupportedCriticError:
 def graph_checked(critic: Any) -> bool:
     """The critic (by :func:`critic_key`) has passed :func:`check_graph` before."""
     return critic is not None and critic in _graph_checked
+
+
+@contextlib.contextmanager
+def attention_context(critic: Any) -> Iterator[None]:
+    """:func:`math_attention` around a forward that will be differentiated twice; skipped (it costs 5 to
+    10 µs) for a critic that was watched calling no ``scaled_dot_product_attention`` on its first call."""
+    if torch.compiler.is_compiling():
+        with math_attention():
+            yield
+        return
+    known = _attention.get(critic)
+    if known is False:
+        yield
+        return
+    watch = WatchAttention() if known is None else None
+    with math_attention(), watch if watch is not None else contextlib.nullcontext():
+        yield
+    if watch is not None:
+        _attention.set(critic, watch.seen)
 
 
 def check_graph(
