@@ -4,6 +4,7 @@
     python examples/toy_2d.py --figure gradnorms --out runs/toy       # Figure 1b: deep critics, Swiss roll
     python examples/toy_2d.py --dataset swissroll --penalty gp,lp,zc,r1,dragan,clip,none --iters 2000
     python examples/toy_2d.py --dataset 8gaussians,25gaussians --penalty r1,approx-r1,zc,approx-zc --iters 500
+    python examples/toy_2d.py --dataset 8gaussians,25gaussians --penalty gp,r1 --activation silu --backend fd
 
 Datasets and setup follow the official ``gan_toy.py``: ReLU MLPs with 3 hidden layers of 512 and He
 init, Adam 1e-4 with betas (0.5, 0.9), 5 critic steps per generator step, batch 256, lambda 0.1; the
@@ -13,6 +14,9 @@ init, Adam 1e-4 with betas (0.5, 0.9), 5 critic steps per generator step, batch 
 same quantity, so the same loss and the same weight.
 lambda 0.1 is gan_toy.py's value, not the paper's: the paper uses lambda 10 for all its experiments, and
 ``--figure gradnorms`` (a critic alone, Figure 1b) uses 10.
+``--backend fd`` computes the exact penalties with first-order passes only (gradpen's finite-difference
+backend), which needs a smooth critic: ``--activation silu`` replaces the ReLUs of both networks (gradpen
+refuses fd on the ReLU critic, in one line, at the first step).
 
 Writes ``toy_<datasets>.png`` (critic value as filled contours, real samples orange, generated green)
 and ``toy_metrics.json``: modes covered and high-quality samples for the Gaussian mixtures
@@ -77,10 +81,13 @@ def sample(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
 # ----------------------------------------------------------------------------- models
 
 
-def relu_mlp(n_in: int, n_out: int, hidden: int = DIM, depth: int = 3) -> nn.Sequential:
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}  # relu: gan_toy.py's; silu: smooth, for --backend fd
+
+
+def relu_mlp(n_in: int, n_out: int, hidden: int = DIM, depth: int = 3, activation: str = "relu") -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(depth):
-        layers += [nn.Linear(n_in if i == 0 else hidden, hidden), nn.ReLU()]
+        layers += [nn.Linear(n_in if i == 0 else hidden, hidden), ACTIVATIONS[activation]()]
     layers.append(nn.Linear(hidden, n_out))
     for m in layers:
         if isinstance(m, nn.Linear):  # He init, zero biases (tflib 'he' initialisation)
@@ -90,9 +97,9 @@ def relu_mlp(n_in: int, n_out: int, hidden: int = DIM, depth: int = 3) -> nn.Seq
 
 
 class Critic(nn.Module):
-    def __init__(self, depth: int = 3):
+    def __init__(self, depth: int = 3, activation: str = "relu"):
         super().__init__()
-        self.net = relu_mlp(2, 1, depth=depth)
+        self.net = relu_mlp(2, 1, depth=depth, activation=activation)
 
     def forward(self, x):
         return self.net(x).squeeze(1)
@@ -117,10 +124,10 @@ def penalty_term(kind: str, critic, real, fake, backend: str) -> torch.Tensor:
     return real.new_zeros(())  # clip, none
 
 
-def train(dataset: str, kind: str, iters: int, seed: int, backend: str, log_every: int = 500):
+def train(dataset: str, kind: str, iters: int, seed: int, backend: str, log_every: int = 500, activation: str = "relu"):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    gen, critic = relu_mlp(2, 2), Critic()
+    gen, critic = relu_mlp(2, 2, activation=activation), Critic(activation=activation)
     if kind == "clip":
         opt_g = torch.optim.RMSprop(gen.parameters(), lr=5e-5)
         opt_d = torch.optim.RMSprop(critic.parameters(), lr=5e-5)
@@ -228,7 +235,7 @@ def activation_grad_norms(critic: Critic, real: torch.Tensor, fake: torch.Tensor
     h, acts = torch.cat([real, fake]), []
     for m in critic.net:
         h = m(h)
-        if isinstance(m, nn.ReLU):
+        if isinstance(m, tuple(ACTIVATIONS.values())):
             acts.append(h)
     n = len(real)
     loss = h[n:].mean() - h[:n].mean()
@@ -299,7 +306,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="toy_2d.py", description="WGAN-GP toy experiments (paper Figure 1).")
     p.add_argument("--dataset", default="8gaussians,25gaussians,swissroll", help=f"comma list of {DATASETS}")
     p.add_argument("--penalty", default="gp,clip", help=f"comma list of {PENALTIES}")
-    p.add_argument("--backend", choices=["autograd", "func"], default="autograd")
+    p.add_argument("--backend", choices=["autograd", "func", "fd"], default="autograd", help="gradpen backend")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu",
+                   help="of both networks: relu (gan_toy.py), or silu (smooth, for --backend fd)")  # fmt: skip
     p.add_argument("--iters", type=int, default=3000, help="generator steps per run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/toy")
@@ -315,6 +324,10 @@ def main(argv=None):
             p.error(f"--penalty: unknown {k!r}; expected a comma list of {PENALTIES}")
     if args.iters < 1 or args.gradnorm_steps < 1:
         p.error("--iters and --gradnorm-steps must be >= 1")
+    if args.backend == "fd" and args.activation == "relu" and set(kinds) & {"gp", "lp", "zc", "r1", "dragan"}:
+        p.error("--backend fd needs a smooth critic (a ReLU critic's input gradient jumps): add --activation silu")
+    if args.figure == "gradnorms" and args.activation != "relu":
+        p.error("--figure gradnorms is the paper's ReLU critic: drop --activation")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -326,10 +339,11 @@ def main(argv=None):
     results, table = {}, []
     for ds in datasets:
         for kind in kinds:
-            gen, critic, seconds = train(ds, kind, args.iters, args.seed, args.backend)
+            gen, critic, seconds = train(ds, kind, args.iters, args.seed, args.backend, activation=args.activation)
             metrics = evaluate(ds, gen, args.seed)
             results[(ds, kind)] = (gen, critic, metrics)
-            table.append({"dataset": ds, "penalty": kind, "iters": args.iters, "seconds": seconds, **metrics})
+            table.append({"dataset": ds, "penalty": kind, "backend": args.backend, "activation": args.activation,
+                          "seed": args.seed, "iters": args.iters, "seconds": seconds, **metrics})  # fmt: skip
             print(json.dumps(table[-1]))
     (out / "toy_metrics.json").write_text(json.dumps(table, indent=1))
     print(f"wrote {plot_panels(results, out, datasets, kinds)} and {out / 'toy_metrics.json'}")

@@ -6,7 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import toy_2d
+
+import gradpen
 
 
 @pytest.mark.parametrize("dataset", ["8gaussians", "25gaussians"])
@@ -71,3 +74,22 @@ def test_gradnorms_figure(tmp_path):
         elif name == "gradient penalty":
             assert 0.1 < norms[0] / norms[-1] < 10, norms
     assert (tmp_path / "toy_gradnorms.png").exists()
+
+
+@pytest.mark.slow
+def test_fd_backend_with_silu_equals_the_exact_step_and_relu_is_refused(tmp_path, capsys):
+    """--backend fd --activation silu runs and records both in the metrics; its first critic step's loss equals
+    the autograd backend's (the exact value); --backend fd on the ReLU critic stops in one line naming the flag."""
+    common = ["--dataset", "8gaussians", "--penalty", "gp", "--iters", "2", "--activation", "silu"]
+    toy_2d.main([*common, "--backend", "fd", "--out", str(tmp_path / "fd")])
+    (row,) = json.loads((tmp_path / "fd" / "toy_metrics.json").read_text())
+    assert row["backend"] == "fd" and row["activation"] == "silu" and np.isfinite(row["w1"])
+    torch.manual_seed(0)
+    critic, real, fake = toy_2d.Critic(activation="silu"), torch.randn(256, 2), torch.randn(256, 2)
+    alpha = torch.rand(256)
+    exact = gradpen.gradient_penalty(critic, real, fake, alpha=alpha)
+    fd = gradpen.gradient_penalty(critic, real, fake, alpha=alpha, backend="fd")
+    torch.testing.assert_close(fd, exact, rtol=1e-6, atol=0)
+    with pytest.raises(SystemExit) as e:
+        toy_2d.main(["--dataset", "8gaussians", "--penalty", "gp", "--iters", "2", "--backend", "fd"])
+    assert e.value.code == 2 and "--activation silu" in capsys.readouterr().err
