@@ -64,3 +64,34 @@ html_js_files = ["search-math.js"]  # search snippets show math as text, not TeX
 # MathJax 3.2.2 (SVG output, self-contained, Apache-2.0) ships with the docs, so the math renders
 # without a CDN: offline, and in CI's screenshots.
 mathjax_path = "mathjax/tex-svg.js"
+
+# The benchmarks page shows benchmarks/results_cpu.md (written by benchmarks/bench_penalty.py) as one
+# table per critic: the critic names its table instead of filling a column of every row, so the
+# tables fit a phone. The page holds the marker where they go.
+RESULTS_CPU = ROOT / "benchmarks" / "results_cpu.md"
+RESULTS_MARKER = "<!-- benchmarks/results_cpu.md, one table per critic -->"
+
+
+def results_tables(text: str) -> str:
+    """The file's "Measured on ..." line, then its table split by the first column."""
+    lines = text.splitlines()
+    measured = [line for line in lines if line.startswith("Measured on")]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+    header, body = rows[0], [r for r in rows[2:] if r and not set(r[0]) <= set("-:")]
+    keep = [i for i in range(1, len(header)) if any(r[i] not in ("n/a", "") for r in body)]  # no all-n/a column
+    out = measured[:1]
+    for critic in dict.fromkeys(r[0] for r in body):
+        out += ["", f"**{critic}**", "", "| " + " | ".join(header[i] for i in keep) + " |"]
+        out += ["|---|" + "---:|" * (len(keep) - 1)]
+        out += ["| " + " | ".join(r[i] for i in keep) + " |" for r in body if r[0] == critic]
+    return "\n".join(out) + "\n"
+
+
+def _insert_results(app, docname, source):
+    if RESULTS_MARKER in source[0]:
+        app.env.note_dependency(str(RESULTS_CPU))
+        source[0] = source[0].replace(RESULTS_MARKER, results_tables(RESULTS_CPU.read_text()))
+
+
+def setup(app):
+    app.connect("source-read", _insert_results)
