@@ -31,6 +31,8 @@ exclude_patterns = ["_build"]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"  # the docstrings carry the types, in the PyTorch style
+# A signature longer than a code line shows one parameter per line, so it never breaks inside a default.
+python_maximum_signature_line_length = 88
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
@@ -58,6 +60,7 @@ copybutton_prompt_is_regexp = True
 
 html_theme = "furo"
 html_title = f"gradpen {release}"
+html_favicon = "_static/favicon.svg"  # a nabla
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]  # wide equations and tables stay inside the page
 html_js_files = ["search-math.js"]  # search snippets show math as text, not TeX source
