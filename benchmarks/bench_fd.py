@@ -22,7 +22,7 @@ Memory. Peak memory of tensors created during one such step, from torch.profiler
 (profile_memory=True), the CPU allocator's view: what the step itself allocates, the figure that carries
 over to a GPU (activations and graphs, not the allocator's caching).
 
-Nothing is asserted: this prints and writes Markdown (--out).
+Nothing is asserted: this prints and writes Markdown, one file per part (benchmarks/results_fd_<part>.md).
 """
 
 from __future__ import annotations
@@ -122,13 +122,14 @@ def accuracy(quick: bool) -> list[str]:
     }  # fmt: skip
     fd_kinks = gradpen.FiniteDifference(allow_kinks=True)
     rows = [
-        "| critic | dtype | penalty | exact | fd | approx (draws=2) | approx cosine |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| critic | dtype | penalty | exact | fd | approx (draws=2) | approx cosine | another batch |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, (make, shape) in cases.items():
         torch.manual_seed(1)
         base = make()
         real, fake, alpha = torch.randn(n, *shape), torch.randn(n, *shape), torch.rand(n)
+        other = [t.double() for t in (torch.randn(n, *shape), torch.randn(n, *shape), torch.rand(n))]
         c64 = copy.deepcopy(base).double()
         lp = _center(c64, real.double(), fake.double(), alpha.double())
         for dtype in ("float32", "float64", "bf16"):
@@ -140,6 +141,7 @@ def accuracy(quick: bool) -> list[str]:
             )
             for pen, fn in PENALTIES.items():
                 ref = _grad(c64, fn(c64, real.double(), fake.double(), alpha.double(), "autograd", lp))
+                noise = _rel(_grad(c64, fn(c64, *other, "autograd", lp)), ref)  # the gradient of another batch
                 fd_backend = fd_kinks if "kinked" in name else "fd"
                 with amp:
                     exact = _grad(critic, fn(critic, r, f, a, "autograd", lp))
@@ -152,7 +154,7 @@ def accuracy(quick: bool) -> list[str]:
                         g = _grad(critic, est)
                     approx, cosine = f"{_rel(g, ref):.2g}", f"{_cos(g, ref):.3f}"
                 rows.append(f"| {name} | {dtype} | {pen} | {_rel(exact, ref):.1e} | {_rel(fd, ref):.1e} | {approx} "
-                            f"| {cosine} |")  # fmt: skip
+                            f"| {cosine} | {noise:.2f} |")  # fmt: skip
                 print(rows[-1], flush=True)
     return rows
 
@@ -286,7 +288,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="toy sizes, few reps: checks that it runs")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions of the cost part (default 7)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared CPU)")
-    p.add_argument("--out", default=None, help="Markdown output (default: benchmarks/results_fd_cpu.md)")
+    p.add_argument("--out-dir", default=None, help="where results_fd_<part>.md go (default: benchmarks/)")
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         p.error("--reps must be >= 1")
@@ -297,16 +299,14 @@ def main(argv=None):
     parts = ["accuracy", "cost", "memory"] if args.part == "all" else [args.part]
     head = (f"Measured on {machine(torch.device('cpu'))}; torch {torch.__version__}, gradpen {gradpen.__version__}"
             f"{' (--quick: toy sizes, not representative)' if args.quick else ''}.")  # fmt: skip
-    text = [head, ""]
+    out_dir = Path(args.out_dir or Path(__file__).parent)
     for part in parts:
         print(f"--- {part}", flush=True)
-        text += [f"## {part}", ""]
-        text += accuracy(args.quick) if part == "accuracy" else cost(args.quick, reps) if part == "cost" else memory(
+        rows = accuracy(args.quick) if part == "accuracy" else cost(args.quick, reps) if part == "cost" else memory(
             args.quick)  # fmt: skip
-        text.append("")
-    out = Path(args.out or Path(__file__).parent / "results_fd_cpu.md")
-    out.write_text("\n".join(text))
-    print(f"written to {out}")
+        out = out_dir / f"results_fd_{part}.md"
+        out.write_text("\n".join([head, "", *rows, ""]))
+        print(f"written to {out}")
 
 
 if __name__ == "__main__":

@@ -120,9 +120,12 @@ def critic_key(critic: Any) -> tuple[tuple[Any, ...], list[Any]]:
     callable object's class; data in closures (the labels of this step) does not enter it. Returns
     the key and the objects whose death must end its validity.
     """
+    if isinstance(critic, nn.Module):  # the common case, without the search
+        m = getattr(critic, "_orig_mod", critic)
+        return ((id(m), type(m), m.training),), [m]
     key: list[Any] = []
     anchors: list[Any] = []
-    for part in [critic] if isinstance(critic, nn.Module) else _parts(critic):
+    for part in _parts(critic):
         if isinstance(part, nn.Module):
             part = getattr(part, "_orig_mod", part)
             key.append((id(part), type(part), part.training))
@@ -149,6 +152,11 @@ class CriticCache:
 
     def get(self, critic: Any, default: Any = None) -> Any:
         return self._values.get(critic_key(critic)[0], default)
+
+    def lookup(self, critic: Any) -> tuple[bool, Any]:
+        """(whether the critic has an entry, its value), with one key computation."""
+        key = critic_key(critic)[0]
+        return (True, self._values[key]) if key in self._values else (False, None)
 
     def __contains__(self, critic: Any) -> bool:
         return critic_key(critic)[0] in self._values
@@ -199,39 +207,48 @@ def _wrapper_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
 class Scan:
     """What the module guards look for behind a critic, found in one walk over its modules: FSDP and
     static-graph DDP wrappers, BatchNorm layers with batch statistics, and kinked layers, each as
-    ``(root, name, module)``."""
+    ``(root, module)``; :meth:`name` names one for a message."""
 
     __slots__ = ("batchnorm", "fsdp", "kinked", "static_ddp")
 
     def __init__(self, critic: Any) -> None:
         fsdp, ddp = _wrapper_classes()
-        self.fsdp: list[tuple[nn.Module, str, nn.Module]] = []
-        self.static_ddp: list[tuple[nn.Module, str, nn.Module]] = []
-        self.batchnorm: list[tuple[nn.Module, str, nn.Module]] = []
-        self.kinked: list[tuple[nn.Module, str, nn.Module]] = []
+        self.fsdp: list[tuple[nn.Module, nn.Module]] = []
+        self.static_ddp: list[tuple[nn.Module, nn.Module]] = []
+        self.batchnorm: list[tuple[nn.Module, nn.Module]] = []
+        self.kinked: list[tuple[nn.Module, nn.Module]] = []
         for root in critic_modules(critic):
-            for name, m in root.named_modules():
+            for m in root.modules():
+                if isinstance(m, _SCANNED):
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        if m.training or not m.track_running_stats:
+                            self.batchnorm.append((root, m))
+                    elif not isinstance(m, nn.ELU) or m.alpha != 1.0:
+                        self.kinked.append((root, m))
                 if fsdp and isinstance(m, fsdp):
-                    self.fsdp.append((root, name, m))
+                    self.fsdp.append((root, m))
                 if ddp and isinstance(m, ddp) and m.static_graph:
-                    self.static_ddp.append((root, name, m))
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
-                    self.batchnorm.append((root, name, m))
-                if isinstance(m, _KINKED) or (isinstance(m, nn.ELU) and m.alpha != 1.0):
-                    self.kinked.append((root, name, m))
+                    self.static_ddp.append((root, m))
+
+    @staticmethod
+    def name(root: nn.Module, m: nn.Module) -> str:
+        """``m``'s path in ``root`` (``""`` for the root itself)."""
+        return next((n for n, x in root.named_modules() if x is m), "")
+
+
+_SCANNED = (nn.modules.batchnorm._BatchNorm, nn.ELU, *_KINKED)
 
 
 def batch_coupled_modules(critic: Any, scan: Scan | None = None) -> list[str]:
     """Names of the BatchNorm layers behind ``critic`` that normalise with batch statistics."""
-    return [name or type(m).__name__ for _, name, m in (scan or Scan(critic)).batchnorm]
+    return [Scan.name(root, m) or type(m).__name__ for root, m in (scan or Scan(critic)).batchnorm]
 
 
 def kinked_modules(critic: Any, scan: Scan | None = None) -> list[str]:
     """Names of the piecewise-linear (kinked) layers behind ``critic``: ReLU and its relatives,
     max-pooling, and ELU with alpha != 1."""
-    return [
-        f"{name} ({type(m).__name__})" if name else type(m).__name__ for _, name, m in (scan or Scan(critic)).kinked
-    ]
+    named = [(Scan.name(root, m), m) for root, m in (scan or Scan(critic)).kinked]
+    return [f"{name} ({type(m).__name__})" if name else type(m).__name__ for name, m in named]
 
 
 # --- FSDP and static-graph DDP ---------------------------------------------------------------
@@ -245,7 +262,8 @@ def check_exact_critic(critic: Any, scan: Scan | None = None) -> None:
         UnsupportedCriticError: naming the module, why, and what to do instead.
     """
     scan = scan or Scan(critic)
-    for _, name, m in scan.fsdp:
+    for root, m in scan.fsdp:
+        name = Scan.name(root, m)
         raise UnsupportedCriticError(
             f"An exact gradient penalty cannot run through FSDP: the critic contains the FSDP module "
             f"{_where(name, m)}. The penalty differentiates the critic twice, and the second backward "
@@ -255,8 +273,10 @@ def check_exact_critic(critic: Any, scan: Scan | None = None) -> None:
             "in FSDP's ordinary forward and backward. Or DistributedDataParallel, which the exact "
             "penalties support."
         )
-    for _, name, m in scan.static_ddp:
-        raise _static_ddp(name, m, "An exact gradient penalty", "the gradients of the penalty's double backward")
+    for root, m in scan.static_ddp:
+        raise _static_ddp(
+            Scan.name(root, m), m, "An exact gradient penalty", "the gradients of the penalty's double backward"
+        )
 
 
 def check_distributed_fd(critic: Any, scan: Scan | None = None) -> None:
@@ -265,8 +285,8 @@ def check_distributed_fd(critic: Any, scan: Scan | None = None) -> None:
     Raises:
         UnsupportedCriticError: naming the module, why, and what to do instead.
     """
-    for _, name, m in (scan or Scan(critic)).static_ddp:
-        raise _static_ddp(name, m, "backend='fd'", "the gradients of the penalty's extra forwards")
+    for root, m in (scan or Scan(critic)).static_ddp:
+        raise _static_ddp(Scan.name(root, m), m, "backend='fd'", "the gradients of the penalty's extra forwards")
 
 
 def _static_ddp(name: str, m: nn.Module, who: str, what: str) -> UnsupportedCriticError:
@@ -490,23 +510,37 @@ def graph_checked(critic: Any) -> bool:
     return critic is not None and critic in _graph_checked
 
 
-@contextlib.contextmanager
-def attention_context(critic: Any) -> Iterator[None]:
-    """:func:`math_attention` around a forward that will be differentiated twice; skipped (it costs 5 to
-    10 µs) for a critic that was watched calling no ``scaled_dot_product_attention`` on its first call."""
+class _WatchedMath:
+    """:func:`math_attention` with a :class:`WatchAttention` inside, whose finding is cached for the critic."""
+
+    __slots__ = ("critic", "math", "watch")
+
+    def __init__(self, critic: Any) -> None:
+        self.critic, self.math, self.watch = critic, math_attention(), WatchAttention()
+
+    def __enter__(self) -> None:
+        self.math.__enter__()
+        self.watch.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.watch.__exit__(*exc)
+        self.math.__exit__(*exc)
+        if exc[0] is None:
+            _attention.set(self.critic, self.watch.seen)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def attention_context(critic: Any) -> contextlib.AbstractContextManager[Any]:
+    """:func:`math_attention` around a forward that will be differentiated twice; skipped (it costs a few
+    µs) for a critic that was watched calling no ``scaled_dot_product_attention`` on its first call."""
     if torch.compiler.is_compiling():
-        with math_attention():
-            yield
-        return
+        return math_attention()
     known = _attention.get(critic)
-    if known is False:
-        yield
-        return
-    watch = WatchAttention() if known is None else None
-    with math_attention(), watch if watch is not None else contextlib.nullcontext():
-        yield
-    if watch is not None:
-        _attention.set(critic, watch.seen)
+    if known is None:
+        return _WatchedMath(critic)
+    return math_attention() if known else _NO_CONTEXT
 
 
 def check_graph(

@@ -49,8 +49,9 @@ _kinks = CriticCache()
 
 def _cached(cache: CriticCache, critic: Any, measure: Callable[[], Any]) -> Any:
     """The cached result for this critic, or ``measure()`` (cached unless it is ``None``)."""
-    if critic in cache:
-        return cache.get(critic)
+    found, value = cache.lookup(critic)
+    if found:
+        return value
     value = measure()
     if value is not None:
         cache.set(critic, value)
