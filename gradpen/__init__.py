@@ -1,4 +1,4 @@
-"""gradpen: gradient penalties for GAN critics, per sample and proven against finite differences.
+"""gradpen: gradient penalties for GAN critics, per sample, tested against finite differences.
 
 The public surface is what ``__all__`` lists; every other module is private.
 """
@@ -25,7 +25,7 @@ from gradpen._penalty import (
     wgan_div_penalty,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BackendComparison",
