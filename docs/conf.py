@@ -41,6 +41,7 @@ napoleon_type_aliases = {
     "Tensor": "torch.Tensor",
     "Tensors": "torch.Tensor",
     "Callable": "collections.abc.Callable",
+    "sequence": "collections.abc.Sequence",
     "torch.Generator": "torch.Generator",
     "torch.amp.GradScaler": "torch.amp.GradScaler",
 }

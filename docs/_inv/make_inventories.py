@@ -20,6 +20,7 @@ ENTRIES = {
         ("dict", "py:class", "library/stdtypes.html#dict"),
         ("callable", "py:function", "library/functions.html#callable"),
         ("collections.abc.Callable", "py:class", "library/collections.abc.html#collections.abc.Callable"),
+        ("collections.abc.Sequence", "py:class", "library/collections.abc.html#collections.abc.Sequence"),
         ("UserWarning", "py:exception", "library/exceptions.html#UserWarning"),
         ("ValueError", "py:exception", "library/exceptions.html#ValueError"),
         ("TypeError", "py:exception", "library/exceptions.html#TypeError"),
