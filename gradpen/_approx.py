@@ -206,9 +206,11 @@ def _squared_norm(
 def approx_squared_norms_from(outputs: Tensor, perturbed: Tensor, *, sigma: float) -> Tensor:
     r"""Per-sample estimates of :math:`\lVert \nabla_x D(x) \rVert_2^2` from critic outputs you already have.
 
+    .. versionadded:: 0.2
+
     .. math::
         \widehat{n^2_i} = \frac{1}{K}\sum_{k=1}^{K}
-            \Big(\frac{p_{kN+i} - o_i}{\sigma}\Big)^2
+            \Big(\frac{p_{(k-1)N+i} - o_i}{\sigma}\Big)^2
 
     with :math:`o` = ``outputs`` :math:`= D(x)` and :math:`p` = ``perturbed`` :math:`= D(x + \sigma\varepsilon_k)`,
     :math:`\varepsilon_k \sim \mathcal N(0, I)`, stacked draw by draw (:math:`K N` rows; :math:`K = 1`
@@ -229,7 +231,7 @@ def approx_squared_norms_from(outputs: Tensor, perturbed: Tensor, *, sigma: floa
         outputs (Tensor): the critic's scores at the clean batch, :math:`(N,)`, :math:`(N, 1)` or
             :math:`(N, \dots)` (summed per sample).
         perturbed (Tensor): the scores at :math:`x + \sigma\varepsilon_k`, :math:`(K N, \dots)`
-            with the same trailing shape, draw :math:`k` in rows :math:`kN` to :math:`kN + N - 1`.
+            with the same trailing shape, draw :math:`k` in rows :math:`(k-1)N` to :math:`kN - 1`.
         sigma (float): the standard deviation :math:`\sigma > 0` the perturbations were drawn with.
 
     Returns:
@@ -247,7 +249,8 @@ def approx_squared_norms_from(outputs: Tensor, perturbed: Tensor, *, sigma: floa
         >>> with torch.no_grad():
         ...     _ = critic.weight.copy_(torch.tensor([[3.0, 4.0]]))
         >>> real, fake, sigma = torch.randn(4096, 2), torch.randn(4096, 2), 0.01
-        >>> d_real, d_fake, d_pert = critic(torch.cat([real, fake, real + sigma * torch.randn_like(real)])).chunk(3)
+        >>> perturbed = real + sigma * torch.randn_like(real)
+        >>> d_real, d_fake, d_pert = critic(torch.cat([real, fake, perturbed])).chunk(3)
         >>> r1 = gradpen.approx_squared_norms_from(d_real, d_pert, sigma=sigma).mean()
         >>> loss_d = d_fake.mean() - d_real.mean() + 5.0 * r1
         >>> abs(r1.item() - 25.0) < 2.0  # ||w||^2 = 25, up to sampling noise
@@ -291,6 +294,8 @@ def approx_r1_penalty(
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""R1 penalty estimated by finite differences, with no double backward.
 
+    .. versionadded:: 0.2
+
     .. math::
         \widehat{R}_1 = \mathbb{E}_{x \sim p_r}\Big[\frac{1}{K}\sum_{k=1}^{K}
             \Big(\frac{D(x + \sigma\varepsilon_k) - D(x)}{\sigma}\Big)^2\Big],
@@ -301,8 +306,8 @@ def approx_r1_penalty(
     mean over the draws estimates :math:`\lVert \nabla_x D(x) \rVert_2^2`, the summand of
     :func:`r1_penalty`, so the same weight applies (:math:`\gamma/2`). The estimate is exact in mean
     for a linear critic at any :math:`\sigma`; for a smooth one its bias is :math:`O(\sigma^2)`
-    for both schemes (odd moments of :math:`\varepsilon` vanish), with a smaller constant for
-    ``"central"``; see :doc:`/approx`. Both branches are differentiated (no stop-gradient), so the
+    for both schemes (odd moments of :math:`\varepsilon` vanish), with different constants (the
+    forward scheme adds a Hessian term); see :doc:`/approx`. Both branches are differentiated (no stop-gradient), so the
     parameter gradient estimates the gradient of the exact R1.
 
     .. note::
@@ -369,6 +374,8 @@ def approx_r2_penalty(
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""R2 penalty on fake samples estimated by finite differences: :func:`approx_r1_penalty` at ``fake``.
 
+    .. versionadded:: 0.2
+
     .. math::
         \widehat{R}_2 = \mathbb{E}_{x \sim p_g}\Big[\frac{1}{K}\sum_{k=1}^{K}
             \Big(\frac{D(x + \sigma\varepsilon_k) - D(x)}{\sigma}\Big)^2\Big]
@@ -385,7 +392,7 @@ def approx_r2_penalty(
 
     Example::
 
-        >>> critic = lambda x: x.sum(dim=1)  # gradient (1, 1, 1): every draw gives q = eps_1 + eps_2 + eps_3
+        >>> critic = lambda x: x.sum(dim=1)  # gradient (1, 1, 1): q = eps_1 + eps_2 + eps_3
         >>> est = gradpen.approx_r2_penalty(critic, torch.zeros(8192, 3), sigma=0.5)
         >>> abs(est.item() - 3.0) < 0.3  # ||grad||^2 = 3 for any sigma
         True
@@ -411,6 +418,8 @@ def approx_gradient_penalty(
     return_norms: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Zero-centred gradient penalty at interpolates, estimated by finite differences.
+
+    .. versionadded:: 0.2
 
     .. math::
         \widehat{\mathcal P} = \mathbb{E}_{\hat x}\Big[\frac{1}{K}\sum_{k=1}^{K}

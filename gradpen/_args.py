@@ -48,6 +48,8 @@ class Shared:
 def shared(value: Tensor) -> Shared:
     r"""Mark a tensor in ``critic_args``/``critic_kwargs`` as shared by all samples.
 
+    .. versionadded:: 0.2
+
     A tensor passed to the critic through ``critic_args`` or ``critic_kwargs`` is per-sample (row
     :math:`i` goes with sample :math:`i`) unless it is an ``nn.Parameter`` or 0-d. Wrap any other
     tensor that every sample uses whole, such as a class-prototype table computed in the training
@@ -69,8 +71,9 @@ def shared(value: Tensor) -> Shared:
         >>> protos = torch.randn(4, 3)  # 4 prototypes, and (by chance) 4 samples
         >>> critic = lambda x, p: (x @ p.T).logsumexp(dim=1)
         >>> x = torch.randn(4, 3)
-        >>> by_func = gradpen.gradient_norms(critic, x, critic_args=(gradpen.shared(protos),), backend="func")
-        >>> by_autograd = gradpen.gradient_norms(critic, x, critic_args=(gradpen.shared(protos),))
+        >>> args = (gradpen.shared(protos),)
+        >>> by_func = gradpen.gradient_norms(critic, x, critic_args=args, backend="func")
+        >>> by_autograd = gradpen.gradient_norms(critic, x, critic_args=args)
         >>> torch.allclose(by_func, by_autograd)
         True
     """

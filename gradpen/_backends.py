@@ -294,6 +294,8 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 class FiniteDifference:
     r"""``backend="fd"`` with its settings: the exact penalty, with no double backward.
 
+    .. versionadded:: 0.3
+
     Pass an instance wherever a ``backend`` is taken; ``backend="fd"`` is ``FiniteDifference()``.
     Values and norms are the exact ones (one backward without ``create_graph``). The parameter
     gradient of the norm :math:`n_i` is that of the directional derivative along the unit input
@@ -335,9 +337,11 @@ class FiniteDifference:
 
     Example::
 
-        >>> critic = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 1))
+        >>> nn = torch.nn
+        >>> critic = nn.Sequential(nn.Linear(3, 16), nn.SiLU(), nn.Linear(16, 1))
         >>> real, fake = torch.randn(8, 3), torch.randn(8, 3)
-        >>> gp = gradpen.gradient_penalty(critic, real, fake, backend=gradpen.FiniteDifference(scheme="forward"))
+        >>> fd = gradpen.FiniteDifference(scheme="forward")
+        >>> gp = gradpen.gradient_penalty(critic, real, fake, backend=fd)
         >>> gp.backward()  # no double backward ran
     """
 

@@ -28,6 +28,8 @@ from gradpen._penalty import Critic, Inputs, r1_penalty
 class BackendComparison:
     """What :func:`compare_backends` found.
 
+    .. versionadded:: 0.3
+
     Attributes:
         values (dict): backend -> the R1 value (a float), for the backends that ran.
         grads (dict): backend -> the R1 parameter gradient, one flat float64 vector.
@@ -74,6 +76,8 @@ def compare_backends(
 ) -> BackendComparison:
     r"""Compute R1 at ``inputs`` with each backend and compare the parameter gradients.
 
+    .. versionadded:: 0.3
+
     .. math::
         R_1 = \mathbb{E}_i \lVert \nabla_{x_i} D(x_i) \rVert_2^2
 
@@ -98,8 +102,9 @@ def compare_backends(
 
     Example::
 
-        >>> critic = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
-        >>> report = gradpen.compare_backends(critic, torch.randn(8, 4, dtype=torch.float64))
+        >>> nn = torch.nn
+        >>> critic = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+        >>> report = gradpen.compare_backends(critic, torch.randn(8, 4).double())
         >>> report.agree(tol=1e-6)
         True
     """

@@ -47,6 +47,12 @@ def gradient_norms_from(
 ) -> Tensor:
     r"""Per-sample L2 norms of the input gradient, from a critic forward that has already run.
 
+    .. versionadded:: 0.2
+
+    .. versionchanged:: 0.3
+        ``critic``, ``backend`` (``"fd"``), ``critic_args`` and ``critic_kwargs``; refusals of outputs not
+        attached to the inputs, of non-leaf inputs and of graphs without a double backward.
+
     .. math::
         n_i = \big\lVert \nabla_{x_i} \textstyle\sum_k \mathrm{outputs}_{i,k} \big\rVert_2
 

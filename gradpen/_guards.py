@@ -39,6 +39,7 @@ INSTEAD = (
 class UnsupportedCriticError(RuntimeError):
     """An exact gradient penalty cannot be computed for this critic: it cannot be differentiated twice,
     or not correctly (an op without a double backward, FSDP, ``DistributedDataParallel(static_graph=True)``,
+    .. versionadded:: 0.2
     an op that ``torch.func.vmap`` cannot run). The message names the cause and what to use instead."""
 
 

@@ -155,6 +155,8 @@ class GradientPenalty(nn.Module):
 def lazy_adam_kwargs(lr: float, betas: tuple[float, float], every: int) -> dict[str, Any]:
     r"""Adam's ``lr`` and ``betas`` corrected for lazy regularisation, as StyleGAN2 does.
 
+    .. versionadded:: 0.2
+
     With the penalty applied as its own optimizer step once every :math:`k` main steps, the
     optimizer takes :math:`k + 1` steps where a non-lazy run takes :math:`k`. StyleGAN2
     (Karras et al., 2020, Appendix B; ``training/training_loop.py`` of StyleGAN2-ADA, where
@@ -181,7 +183,7 @@ def lazy_adam_kwargs(lr: float, betas: tuple[float, float], every: int) -> dict[
 
     Example::
 
-        >>> kwargs = gradpen.lazy_adam_kwargs(0.0025, (0.0, 0.99), every=16)  # StyleGAN2's D settings
+        >>> kwargs = gradpen.lazy_adam_kwargs(0.0025, (0.0, 0.99), every=16)  # StyleGAN2's D
         >>> round(kwargs["lr"], 6), [round(b, 6) for b in kwargs["betas"]]
         (0.002353, [0.0, 0.990585])
         >>> opt_d = torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), **kwargs)

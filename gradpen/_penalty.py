@@ -20,9 +20,7 @@ import torch
 from torch import Tensor
 
 from gradpen._args import resolve_critic_args
-from gradpen._backends import (
-    resolve_backend,
-)
+from gradpen._backends import FiniteDifference, resolve_backend
 from gradpen._checks import (
     as_inputs,
     check_alpha,
@@ -231,7 +229,8 @@ def interpolate(
     Example::
 
         >>> real, fake = torch.ones(4, 3, 8, 8), torch.zeros(4, 3, 8, 8)
-        >>> x_hat = gradpen.interpolate(real, fake, alpha=torch.tensor([0.0, 0.25, 0.5, 1.0]))
+        >>> alpha = torch.tensor([0.0, 0.25, 0.5, 1.0])
+        >>> x_hat = gradpen.interpolate(real, fake, alpha=alpha)
         >>> x_hat[:, 0, 0, 0]
         tensor([0.0000, 0.2500, 0.5000, 1.0000])
     """
@@ -244,13 +243,16 @@ def gradient_norms(
     critic: Critic,
     inputs: Inputs,
     *,
-    backend: str = "autograd",
+    backend: str | FiniteDifference = "autograd",
     critic_args: Sequence[Any] = (),
     critic_kwargs: dict[str, Any] | None = None,
     scaler: Any = None,
     create_graph: bool = True,
 ) -> Tensor:
     r"""Per-sample L2 norms of the critic's gradient with respect to its input.
+
+    .. versionchanged:: 0.3
+        ``backend="fd"`` (and a :class:`~gradpen.FiniteDifference`).
 
     .. math::
         n_i &= \big\lVert \nabla_{x_i} D(x)_i \big\rVert_2
@@ -265,7 +267,9 @@ def gradient_norms(
         critic (Callable): maps ``inputs`` (plus ``critic_args``) to one score per sample: a
             tensor of shape :math:`(N,)`, :math:`(N, 1)` or :math:`(N, \dots)` (then summed per sample).
         inputs (Tensor or tuple of Tensors): batch :math:`(N, *)` or a tuple of batches with the same N.
-        backend (str, optional): ``"autograd"`` or ``"func"``; see :doc:`/backends`. Default: ``"autograd"``.
+        backend (str or FiniteDifference, optional): ``"autograd"``, ``"func"`` or ``"fd"`` (no double
+            backward; a :class:`~gradpen.FiniteDifference` sets its step); see :doc:`/backends`.
+            Default: ``"autograd"``.
         critic_args (tuple, optional): extra positional arguments, the critic is called as
             ``critic(*inputs, *critic_args, **critic_kwargs)``. Every tensor in them (also inside
             lists, tuples and dicts) is **per-sample**, row :math:`i` going with sample :math:`i`
@@ -290,6 +294,7 @@ def gradient_norms(
         ValueError: if the batch is empty, the backend is unknown, a per-sample tensor in
             ``critic_args`` does not have N rows, or the critic's output has no batch dimension N.
         RuntimeError: under ``torch.inference_mode()`` with ``create_graph=True``.
+        UnsupportedCriticError: as for :func:`gradient_penalty`.
 
     Example::
 
@@ -310,7 +315,7 @@ def gradient_penalty(
     center: float = 1.0,
     one_sided: bool = False,
     *,
-    backend: str = "autograd",
+    backend: str | FiniteDifference = "autograd",
     alpha: Tensor | None = None,
     generator: torch.Generator | None = None,
     critic_args: Sequence[Any] = (),
@@ -320,6 +325,9 @@ def gradient_penalty(
     return_norms: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Gradient penalty of WGAN-GP (Gulrajani et al., 2017).
+
+    .. versionchanged:: 0.3
+        ``backend="fd"`` (and a :class:`~gradpen.FiniteDifference`).
 
     .. math::
         \mathcal{P} &= \mathbb{E}_{\hat x}\big[(\lVert \nabla_{\hat x} D(\hat x) \rVert_2 - c)^2\big],
@@ -340,8 +348,10 @@ def gradient_penalty(
             gradient reaches the generator).
         center (float, optional): target norm :math:`c \ge 0`. Default: ``1.0``.
         one_sided (bool, optional): penalise only norms above ``center``. Default: ``False``.
-        backend (str, optional): ``"autograd"`` or ``"func"``; both give the same answers, see
-            :doc:`/backends`. Default: ``"autograd"``.
+        backend (str or FiniteDifference, optional): ``"autograd"`` or ``"func"`` (a double backward;
+            both give the same answers), or ``"fd"`` (no double backward: the exact value, and a
+            finite-difference parameter gradient; see :doc:`/fd`); see :doc:`/backends`.
+            Default: ``"autograd"``.
         alpha (Tensor, optional): interpolation weights :math:`(N,)` in :math:`[0, 1]`, used as
             given. Default: drawn from :math:`U[0, 1]`.
         generator (torch.Generator, optional): RNG for :math:`\alpha`, on the inputs' device.
@@ -379,9 +389,15 @@ def gradient_penalty(
             critic's output has no batch dimension N.
         RuntimeError: under ``torch.inference_mode()``, where no differentiable result can be
             built (under ``torch.no_grad()`` the penalty is still differentiable).
+        UnsupportedCriticError: where the backend cannot be right for this critic, before the
+            penalty is used: the exact backends for FSDP, static-graph DDP or an op without a double
+            backward; ``"fd"`` for a critic with kinks or static-graph DDP. The message names the
+            alternatives; see :doc:`/differentiable`.
 
     Warns:
-        UserWarning: with ``backend="autograd"``, if the critic has BatchNorm in training mode.
+        UserWarning: with ``backend="autograd"``, if the critic couples the samples of a batch
+            (BatchNorm in training mode, or found by behaviour: minibatch standard deviation);
+            ``"func"`` and ``"fd"`` raise ``ValueError`` for such a critic.
 
     Example::
 
@@ -427,7 +443,7 @@ def r1_penalty(
     critic: Critic,
     real: Inputs,
     *,
-    backend: str = "autograd",
+    backend: str | FiniteDifference = "autograd",
     critic_args: Sequence[Any] = (),
     critic_kwargs: dict[str, Any] | None = None,
     scaler: Any = None,
@@ -435,6 +451,9 @@ def r1_penalty(
     return_norms: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""R1 penalty on real samples (Mescheder et al., 2018).
+
+    .. versionchanged:: 0.3
+        ``backend="fd"`` (and a :class:`~gradpen.FiniteDifference`).
 
     .. math::
         R_1 = \mathbb{E}_{x \sim p_r}\big[\lVert \nabla_x D(x) \rVert_2^2\big]
@@ -468,7 +487,7 @@ def r2_penalty(
     critic: Critic,
     fake: Inputs,
     *,
-    backend: str = "autograd",
+    backend: str | FiniteDifference = "autograd",
     critic_args: Sequence[Any] = (),
     critic_kwargs: dict[str, Any] | None = None,
     scaler: Any = None,
@@ -476,6 +495,9 @@ def r2_penalty(
     return_norms: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""R2 penalty on fake samples (Mescheder et al., 2018).
+
+    .. versionchanged:: 0.3
+        ``backend="fd"`` (and a :class:`~gradpen.FiniteDifference`).
 
     .. math::
         R_2 = \mathbb{E}_{x \sim p_g}\big[\lVert \nabla_x D(x) \rVert_2^2\big]
@@ -510,7 +532,7 @@ def dragan_penalty(
     *,
     noise_scale: float = 0.5,
     generator: torch.Generator | None = None,
-    backend: str = "autograd",
+    backend: str | FiniteDifference = "autograd",
     critic_args: Sequence[Any] = (),
     critic_kwargs: dict[str, Any] | None = None,
     scaler: Any = None,
@@ -518,6 +540,9 @@ def dragan_penalty(
     return_norms: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""DRAGAN penalty around the real data (Kodali et al., 2017).
+
+    .. versionchanged:: 0.3
+        ``backend="fd"`` (and a :class:`~gradpen.FiniteDifference`).
 
     .. math::
         x_p &= x + s\,\sigma_x\,u,\quad u \sim U[0, 1)^{\dim x},
@@ -572,7 +597,7 @@ def wgan_div_penalty(
     *,
     k: float = 2.0,
     p: float = 6.0,
-    backend: str = "autograd",
+    backend: str | FiniteDifference = "autograd",
     critic_args: Sequence[Any] = (),
     critic_kwargs: dict[str, Any] | None = None,
     scaler: Any = None,
@@ -580,6 +605,9 @@ def wgan_div_penalty(
     return_norms: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Wasserstein divergence penalty of WGAN-div (Wu et al., 2018).
+
+    .. versionchanged:: 0.3
+        ``backend="fd"`` (and a :class:`~gradpen.FiniteDifference`).
 
     .. math::
         \mathcal{P} = \frac{k}{2}\,\mathbb{E}_i\big[\lVert \nabla D(x^{r}_i) \rVert_2^{p}
@@ -611,7 +639,8 @@ def wgan_div_penalty(
         >>> critic = torch.nn.Linear(2, 1, bias=False)
         >>> with torch.no_grad():
         ...     _ = critic.weight.fill_(1.0)  # ||w||^2 = 2, so ||w||^6 = 8
-        >>> round(gradpen.wgan_div_penalty(critic, torch.randn(4, 2), torch.randn(4, 2)).item(), 4)  # 2/2 (8 + 8)
+        >>> div = gradpen.wgan_div_penalty(critic, torch.randn(4, 2), torch.randn(4, 2))
+        >>> round(div.item(), 4)  # k/2 (8 + 8) with k = 2
         16.0
     """
     reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
