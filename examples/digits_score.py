@@ -38,6 +38,7 @@ from torch.nn import functional as F
 THRESHOLD = 0.9  # top-class probability for a sample to count as recognisable
 HELD_OUT = 500  # real digits kept out of the classifier's training set, to check it
 NEGATIVES = 400  # non-digits of each kind in the training set (1297 real digits)
+MIN_SAMPLES = 2  # the Frechet distance needs a covariance, which needs >= 2 samples (1 gives NaN, and sqrtm hangs)
 
 
 def to8(x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +123,15 @@ def score(fake: torch.Tensor, image_size: int | None = None) -> dict[str, float]
     The held-out real digits are resized to ``image_size`` (default: S) the way the trainer resizes
     them, then pooled back to 8x8 like the samples, so both go through the same resolution change.
     """
+    if fake.dim() != 4 or fake.shape[1] != 1 or fake.shape[2] != fake.shape[3] or fake.shape[-1] < 8:
+        raise ValueError(
+            f"`fake` must be 1-channel square images (N, 1, S, S) with S >= 8 (the classifier reads 8x8 digits); "
+            f"got shape {tuple(fake.shape)}."
+        )
+    if len(fake) < MIN_SAMPLES:
+        raise ValueError(
+            f"`fake` must hold >= {MIN_SAMPLES} samples (the Frechet distance needs their covariance); got {len(fake)}."
+        )
     clf = train_classifier()
     _, (xte, yte) = _split()
     size = image_size or fake.shape[-1]
@@ -147,13 +157,23 @@ def check() -> dict[str, float]:
     return out
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags get one line that names the flag (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="digits_score.py", description="Score generated digits offline.")
+    p = OneLineParser(prog="digits_score.py", description="Score generated digits offline.")
     p.add_argument("checkpoint", nargs="?", help="checkpoint.pt of a --dataset digits run")
     p.add_argument("--num", type=int, default=1000, help="samples to score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true", help="score held-out real digits and non-digits instead")
     args = p.parse_args(argv)
+    if not args.check and args.num < MIN_SAMPLES:
+        why = "the Frechet distance needs a covariance of the samples"
+        p.error(f"--num must be >= {MIN_SAMPLES} ({why}), got {args.num}")
     if args.check:
         result = check()
     elif args.checkpoint:
@@ -163,7 +183,14 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         gen, _ = generate.load_generator(args.checkpoint, "cpu", use_ema=True)
         with torch.no_grad():
-            result = score(gen(torch.randn(args.num, generate.models.Z_DIM)))
+            fake = gen(torch.randn(args.num, generate.models.Z_DIM))
+        if fake.shape[1] != 1 or fake.shape[-1] < 8:
+            size = "x".join(map(str, fake.shape[2:]))
+            p.error(
+                f"checkpoint {args.checkpoint!r} makes {fake.shape[1]}-channel {size} images; the digits scorer "
+                "scores 1-channel images of >= 8x8 (a --dataset digits run)"
+            )
+        result = score(fake)
     else:
         p.error("give a checkpoint or --check")
     print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))

@@ -37,3 +37,45 @@ def test_blank_and_constant_images_are_not_digits():
         for value in (-1.0, 0.0, 1.0):
             out = digits_score.score(torch.full((50, 1, 8, 8), value))
             assert out["recognisable"] == 0.0, value
+
+
+@pytest.mark.parametrize("num", ["0", "1"])
+def test_too_few_samples_exit_2_with_one_line_naming_num(num, capsys, monkeypatch):
+    """--num 0 or 1 exits 2 with one line naming --num and its minimum of 2, before any checkpoint is read."""
+    import generate
+
+    monkeypatch.setattr(generate, "load_generator", lambda *a, **k: pytest.fail("read the checkpoint before --num"))
+    with pytest.raises(SystemExit) as e:
+        digits_score.main(["checkpoint.pt", "--num", num])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"--num must be >= 2 (the Frechet distance needs a covariance of the samples), got {num}" in err
+
+
+def test_score_of_one_sample_is_an_error_not_a_hang(monkeypatch):
+    """score() of a single image raises ValueError naming the minimum before sqrtm sees a NaN covariance."""
+    monkeypatch.setattr(digits_score.linalg, "sqrtm", lambda *a, **k: pytest.fail("sqrtm of a 1-sample covariance"))
+    with pytest.raises(ValueError, match=r"must hold >= 2 samples .*covariance.*; got 1"):
+        digits_score.score(torch.zeros(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("shape", [(20, 3, 8, 8), (20, 1, 4, 4), (20, 1, 8, 16), (20, 64)])
+def test_score_refuses_images_it_cannot_score(shape):
+    """score() of RGB, smaller than 8x8, non-square or flat images raises ValueError echoing the shape."""
+    with pytest.raises(ValueError, match=r"1-channel square images .*got shape " + rf"\({', '.join(map(str, shape))}"):
+        digits_score.score(torch.zeros(shape))
+
+
+def test_rgb_checkpoint_exits_2_with_one_line_naming_it(tmp_path, capsys):
+    """A checkpoint of 3-channel images exits 2 with one line naming the file and its channels, no traceback."""
+    import models
+
+    gen, _ = models.build("mlp", 8, 8, 3)
+    ck = {"config": {"arch": "mlp", "dim": 8, "image_size": 8}, "generator": gen.state_dict(), "critic": {},
+          "ema": None, "channels": 3, "iter": 0}  # fmt: skip
+    torch.save(ck, tmp_path / "rgb.pt")
+    with pytest.raises(SystemExit) as e:
+        digits_score.main([str(tmp_path / "rgb.pt"), "--num", "20"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"checkpoint {str(tmp_path / 'rgb.pt')!r} makes 3-channel 8x8 images" in err
