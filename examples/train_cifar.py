@@ -94,6 +94,13 @@ DIGITS = {
 }
 PENALTIES = ["wgan-gp", "r1", "r2", "dragan", "wgan-div"]  # the kinds of gradpen.GradientPenalty
 APPROX = ["approx-r1"]  # double-backward-free: gradpen.approx_r1_penalty (finite differences)
+# --backend: how gradpen gets the input gradient and its dependence on the critic's parameters
+BACKENDS = {
+    "autograd": "a double backward (exact; attention on the MATH kernel)",
+    "func": "torch.func vmap over grad (exact; attention on the MATH kernel)",
+    "fd": "first-order passes and a finite difference along the input gradient (default kernels, FSDP; smooth "
+    "critics only); with --penalty r1, R1 from the loss's own forward",
+}
 # Flags added after the first checkpoints were written: an older checkpoint's config gets these values.
 ADDED_FLAGS = {"critic": "arch", "fsdp": False, "approx_sigma": 0.01, "approx_draws": 1, "loss": "wgan"}
 # Flags that steer a run without changing what it computes: free to differ on --resume.
@@ -101,6 +108,11 @@ RUN_CONTROL = {"out", "resume", "stop_at", "log_every", "sample_every", "ckpt_ev
                "inception_weights", "workers", "device", "data_dir", "compile"}  # fmt: skip
 APPLIED_ON_RESUME = {"iters", "lr"}  # flags a resumed run applies explicitly (and records in the checkpoint)
 SEED_MAX = 2**32 - 1
+# approx-r1 in float32: D(x) and D(x + sigma*eps) are each rounded by about eps32*|D| (eps32 = 1.19e-7, the
+# spacing at 1.0), so the quotient (D(x + sigma*eps) - D(x)) / sigma is off by about eps32*|D|/sigma. At 1e-4 that is
+# 1.2e-3*|D|: ~1 % of a gradient norm of 0.1 at |D| ~ 1 (the digits runs log |g| 0.05-0.1), and x + sigma*eps is
+# resolved to 6e-4 per element at |x| <= 1. Below, the error grows as 1/sigma; at 1e-7 it is the signal's size.
+APPROX_SIGMA_MIN = 1e-4
 
 
 def fail(message: str, code: int = 1):
@@ -152,7 +164,7 @@ def _parser(explicit_only: bool = False) -> OneLineParser:
     a("--one-sided", action="store_true", help="one-sided penalty max(0, |g| - center)^2 (Petzka et al.)")
     a("--approx-sigma", type=float, default=0.01, help="approx-r1: std of the perturbation per element")
     a("--approx-draws", type=int, default=1, help="approx-r1: perturbations per sample")
-    a("--backend", choices=["autograd", "func"], default="autograd", help="gradpen backend")
+    a("--backend", choices=list(BACKENDS), default="autograd", help="gradpen backend; fd: no double backward")
     a("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast; fp16 adds a GradScaler")
     a("--ema", type=float, help="EMA decay of the generator for samples/eval (0: off; default 0, digits 0.999)")
     a("--compile", action="store_true", help="torch.compile both networks (the penalty then uses torch.func)")
@@ -224,6 +236,12 @@ def check_args(p: OneLineParser, args: argparse.Namespace):
         p.error(f"--lr must be > 0, got {args.lr}")
     if args.approx_sigma <= 0:
         p.error(f"--approx-sigma must be > 0, got {args.approx_sigma}")
+    if args.approx_sigma < APPROX_SIGMA_MIN:
+        p.error(
+            f"--approx-sigma must be >= {APPROX_SIGMA_MIN:g}, got {args.approx_sigma:g}: in float32 the quotient "
+            f"(D(x + sigma*eps) - D(x)) / sigma carries a rounding error of about 1.19e-7*|D|/sigma, 1.2e-3*|D| at "
+            f"the bound (~1 % of a gradient norm of 0.1), growing as sigma shrinks"
+        )
     if not 0.0 <= args.beta1 < 1.0:
         p.error(f"--beta1 must be in [0, 1), got {args.beta1}")
     if args.dataset == "folder" and not args.data_dir:
@@ -540,23 +558,112 @@ class ApproxR1(nn.Module):
         self.calls = int(state["calls"])
 
 
+class FromForwardR1(nn.Module):
+    """``--penalty r1 --backend fd``: weight * R1 taken from the loss's own forward, as StyleGAN2 and R3GAN do.
+
+    The critic step makes the real batch a leaf, runs the critic once on [real, fake], and this takes
+    ``gradpen.gradient_norms_from(d_real, real, critic=critic, backend="fd")``: the exact R1 value, its
+    parameter gradient from the critic at real +- h u, no double backward and no second forward at the
+    real batch. Lazy regularisation, the call counter and ``last_norms`` as in gradpen.GradientPenalty,
+    whose state_dict format it keeps.
+    """
+
+    from_forward = True
+
+    def __init__(self, weight: float, every: int):
+        super().__init__()
+        self.weight, self.every = weight, every
+        self.calls, self.last_norms = 0, None
+
+    def forward(self, critic, real, d_real, scaler=None):
+        if self.calls % self.every:
+            self.calls += 1
+            return torch.zeros((), device=real.device)
+        norms = gradpen.gradient_norms_from(d_real, real, critic=critic, backend="fd", scaler=scaler)
+        self.calls += 1
+        self.last_norms = norms.detach()
+        return norms.square().mean() * (self.weight * self.every)
+
+    def get_extra_state(self) -> dict:
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: dict):
+        self.calls = int(state["calls"])
+
+
+def build_penalty(args) -> nn.Module:
+    """The penalty module of the flags: gradpen.GradientPenalty, or the trainer's ApproxR1 / FromForwardR1."""
+    if args.penalty in APPROX:
+        return ApproxR1(args.gp_weight, args.approx_sigma, args.approx_draws, every=args.gp_every)
+    if args.penalty == "r1" and args.backend == "fd":
+        return FromForwardR1(args.gp_weight, every=args.gp_every)
+    return gradpen.GradientPenalty(
+        args.gp_weight, args.center, args.one_sided, kind=args.penalty, backend=args.backend, every=args.gp_every
+    )
+
+
+def penalty_term(penalty, critic, real, fake, scores, scaler):
+    """lambda * penalty for one critic step (0 on lazy-skipped steps); R1 from the loss's forward uses its scores."""
+    if getattr(penalty, "from_forward", False):
+        return penalty(critic, real, scores[: real.shape[0]], scaler=scaler)
+    return penalty(critic, real, fake, scaler=scaler)
+
+
+def refused_by_gradpen(args, critic, batch) -> str | None:
+    """What gradpen refuses for this critic and these flags, found on a few real images before step 1.
+
+    The penalty is computed once (its value unused; under FSDP backpropagated, then the gradients cleared,
+    so that FSDP ends its forward-backward cycle on every rank): FSDP and static-graph DDP for the exact backends,
+    kinked critics for fd (the mlp and dcgan critics use LeakyReLU), a sigma below the resolution of the
+    --amp dtype for approx-r1. Returns the one-line message with this trainer's alternatives, or None.
+    """
+    flags = f"--penalty {args.penalty}" + ("" if args.penalty in APPROX else f" --backend {args.backend}")
+    flags += " --fsdp" if args.fsdp else ""
+    flags += f" --amp {args.amp}" if args.amp != "none" else ""
+    amp = torch.autocast(batch.device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
+                         enabled=args.amp != "none")  # fmt: skip
+    try:
+        with amp:
+            if args.penalty in APPROX:
+                value = gradpen.approx_r1_penalty(critic, batch, sigma=args.approx_sigma, draws=args.approx_draws)
+            else:
+                value = gradpen.gradient_norms(critic, batch, backend=args.backend).square().mean()
+        if args.fsdp:  # FSDP2 keeps the root's parameters unsharded until a backward: finish its cycle
+            value.backward()
+            critic.zero_grad(set_to_none=True)
+    except (gradpen.UnsupportedCriticError, ValueError) as e:
+        if args.penalty in APPROX:
+            here = "In this trainer: a larger --approx-sigma, or --amp none."
+        elif args.backend == "fd":
+            here = "In this trainer: --critic vit (GELU and LayerNorm: smooth), or --backend autograd without --fsdp."
+        else:
+            here = ("In this trainer: --backend fd with a smooth critic (--critic vit), --penalty approx-r1, or no "
+                    "--fsdp (DDP under torchrun).")  # fmt: skip
+        return f"{flags}: {' '.join(str(e).split())} {here}"
+    return None
+
+
 LOG_KEYS = ["loss_d", "wasserstein", "gp", "grad_norm", "loss_g"]  # the sums kept for a log line
 FP16_OVERFLOW_STREAK = 50  # fp16: this many non-finite critic steps in a row is a divergence, not an overflow
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
     if not args.resume and ckpt_path.exists():
         fail(f"{ckpt_path} exists; pass --resume to continue it or pick another --out", code=2)
     if args.resume and not ckpt_path.exists():
         fail(f"--resume given but {ckpt_path} does not exist", code=2)
+    # The checkpoint is read before any process group exists: its config (--fsdp) decides the distributed set-up,
+    # and every exit before training leaves no group behind. WORLD_SIZE and RANK are torchrun's (1 and 0 without).
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     ck, applied = None, []
     if args.resume:
         ck = read_checkpoint(ckpt_path)
+        device_flag = args.device  # this machine's --device (auto by default), not the one the checkpoint ran on
         args, applied = merge_resume_config(args, ck, ckpt_path)
+        args.device = device_flag
         applied = ck.get("applied", []) + applied
         if ck["world"] != world:
             fail(f"the checkpoint was written by {ck['world']} rank(s), not {world}")
@@ -566,6 +673,7 @@ def main(argv=None):
             return
     if args.batch_size % world or args.batch_size // world < 2:
         fail(f"--batch-size {args.batch_size} must split into >= 2 samples on each of {world} ranks", code=2)
+    rank, world, device = setup_distributed(args)
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
 
@@ -587,15 +695,14 @@ def main(argv=None):
         gen = DDP(gen) if world > 1 else gen
     elif world > 1:
         gen, critic = DDP(gen), DDP(critic)  # broadcast rank 0's weights; gradients are averaged
-    if args.fsdp and args.penalty in PENALTIES:  # gradpen refuses exact penalties through FSDP: ask it before step 1
-        try:
-            gradpen.gradient_norms(critic, torch.zeros(2, channels, args.image_size, args.image_size, device=device))
-        except gradpen.UnsupportedCriticError as e:
-            if rank == 0:
-                here = "In this trainer: --penalty approx-r1, or no --fsdp (DDP under torchrun)."
-                print(f"train_cifar.py: error: --fsdp --penalty {args.penalty}: {e} {here}", file=sys.stderr)
+    bare = critic.module if isinstance(critic, DDP) else critic  # DDP: no forward without its backward; FSDP: all ranks
+    refusal = refused_by_gradpen(args, bare, to_unit(images[:16], device))  # asked before step 1, in one line
+    if refusal is not None:
+        if rank == 0:
+            print(f"train_cifar.py: error: {refusal}", file=sys.stderr)
+        if dist.is_initialized():
             dist.destroy_process_group()
-            raise SystemExit(2) from None
+        raise SystemExit(2)
     if args.compile:
         gen, critic = torch.compile(gen), torch.compile(critic)
     betas = (args.beta1, DEFAULTS["betas"][args.arch][1])  # beta2 = 0.9 in both scripts
@@ -604,12 +711,7 @@ def main(argv=None):
     decay = (lambda it: max(0.0, 1.0 - it / args.iters)) if args.lr_decay == "linear" else (lambda it: 1.0)
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, decay)
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, decay)
-    if args.penalty in APPROX:
-        penalty = ApproxR1(args.gp_weight, args.approx_sigma, args.approx_draws, every=args.gp_every)
-    else:
-        penalty = gradpen.GradientPenalty(
-            args.gp_weight, args.center, args.one_sided, kind=args.penalty, backend=args.backend, every=args.gp_every
-        )
+    penalty = build_penalty(args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     fixed_z = torch.randn(100, models.Z_DIM, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
@@ -729,6 +831,7 @@ def main(argv=None):
     if fp16:  # a step the GradScaler skips (overflow) makes the schedulers warn about their order; it is expected
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
     steps_timed, t_last, it = 0, time.perf_counter(), start
+    saved_at = start if ck is not None else None  # the generator step of the last checkpoint on disk
     metrics = open(metrics_path, "a") if rank == 0 else None  # noqa: SIM115
     try:
         for it in range(start + 1, args.iters + 1):
@@ -744,10 +847,11 @@ def main(argv=None):
                 with torch.no_grad(), amp:
                     fake = gen(z).float()
                 active = penalty.calls % penalty.every == 0  # lazy regularisation: does this call compute it?
+                real.requires_grad_(getattr(penalty, "from_forward", False))  # a leaf before the forward R1 comes from
                 with amp:
                     scores = critic(torch.cat([real, fake])).float()
                     d_real, d_fake = scores[:per_rank].mean(), scores[per_rank:].mean()
-                    gp = penalty(critic, real, fake, scaler=scaler)  # lambda * penalty (0 on lazy-skipped steps)
+                    gp = penalty_term(penalty, critic, real, fake, scores, scaler)  # lambda * penalty (0 when lazy)
                 if args.loss == "wgan":
                     loss_d = d_fake - d_real + gp
                 else:
@@ -800,10 +904,14 @@ def main(argv=None):
             if world > 1:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             if bad.item():
+                kept = (
+                    f"the last good checkpoint {ckpt_path} (generator step {saved_at}) is kept"
+                    if saved_at is not None
+                    else f"no checkpoint was written yet (--ckpt-every {args.ckpt_every})"
+                )
                 raise FloatingPointError(
                     f"non-finite loss or weights between generator steps {it - int(acc_n[3].item()) + 1} and {it} "
-                    f"(try a smaller --lr, --amp none, or check the data); "
-                    f"the last good checkpoint {ckpt_path} is kept"
+                    f"(try a smaller --lr, --amp none, or check the data); {kept}"
                 )
             if it % args.log_every == 0 or it == args.iters:
                 n_gen, n_crit, n_pen, _ = acc_n.tolist()
@@ -844,6 +952,7 @@ def main(argv=None):
                 evaluate(args, ema if ema is not None else unwrap(gen), images, device, it, rank, metrics, writer)
             if it % args.ckpt_every == 0 or it == args.iters or it == args.stop_at:
                 checkpoint(it)
+                saved_at = it
             if it == args.stop_at:
                 if rank == 0:
                     print(f"stopped at generator step {it} (--stop-at); continue with --resume")

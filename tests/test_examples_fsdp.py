@@ -72,7 +72,7 @@ def test_fsdp_exact_penalty_exits_at_startup_with_one_line(tmp_path):
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("train_cifar.py: error:")]
     assert len(ours) == 1
-    assert "--fsdp --penalty wgan-gp: An exact gradient penalty cannot run through FSDP" in ours[0]
+    assert "--penalty wgan-gp --backend autograd --fsdp: An exact gradient penalty cannot run through FSDP" in ours[0]
     assert "gradpen.approx_r1_penalty" in ours[0] and "--penalty approx-r1" in ours[0]
     assert 'train_cifar.py", line' not in proc.stderr  # torchrun reports the exit status; the trainer no traceback
     assert "iter " not in proc.stdout and not (tmp_path / "run" / "checkpoint.pt").exists()
@@ -92,4 +92,23 @@ def test_fsdp_on_one_process_equals_the_unsharded_run(tmp_path, capsys):
         run_digits(tmp_path, "--critic", "vit", "--fsdp", "--penalty", "r1", out="exact")
     assert e.value.code == 2 and not dist.is_initialized()
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--fsdp --penalty r1: An exact gradient penalty cannot run through FSDP" in err
+    assert (
+        err.count("\n") == 1 and "--penalty r1 --backend autograd --fsdp: An exact gradient penalty cannot run" in err
+    )
+
+
+def test_fsdp_on_one_process_resumes_with_resume_alone_bit_for_bit(tmp_path, capsys):
+    """A 1-process --fsdp run stopped at step 2 and continued with --resume alone (the checkpoint's --fsdp sets up
+    the process group) finishes with the state and log of the uninterrupted run, and takes its group down."""
+    common = ["--critic", "vit", "--penalty", "approx-r1", "--fsdp", "--iters", "4", "--sample-every", "100"]
+    full = run_digits(tmp_path, *common, out="full")
+    run_digits(tmp_path, *common, "--stop-at", "2", out="part")
+    assert checkpoint_state(tmp_path / "part")["iter"] == 2 and not dist.is_initialized()
+    capsys.readouterr()
+    part = run_digits(tmp_path, "--resume", out="part")  # no --fsdp, --critic, --penalty or --iters
+    assert "resumed from" in capsys.readouterr().out and not dist.is_initialized()
+    a, b = checkpoint_state(full), checkpoint_state(part)
+    for key in STATE_KEYS:
+        assert_same_tensors(a[key], b[key], key)
+    assert a["iter"] == b["iter"] == 4 and b["config"]["fsdp"] and b["world"] == 1
+    assert train_lines(full) == train_lines(part) and len(train_lines(full)) == 4
