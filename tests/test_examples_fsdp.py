@@ -97,18 +97,22 @@ def test_fsdp_on_one_process_equals_the_unsharded_run(tmp_path, capsys):
     )
 
 
-def test_fsdp_on_one_process_resumes_with_resume_alone_bit_for_bit(tmp_path, capsys):
-    """A 1-process --fsdp run stopped at step 2 and continued with --resume alone (the checkpoint's --fsdp sets up
+def test_fsdp_on_one_process_resumes_with_resume_alone_bit_for_bit(tmp_path, capsys, monkeypatch):
+    """A 1-process --fsdp run stopped at step 1 and continued with --resume alone (the checkpoint's --fsdp sets up
     the process group) finishes with the state and log of the uninterrupted run, and takes its group down."""
-    common = ["--critic", "vit", "--penalty", "approx-r1", "--fsdp", "--iters", "4", "--sample-every", "100"]
+    import train_cifar
+
+    evaluated = []  # the digits scorer trains a classifier on first use: seconds to minutes, and not the point here
+    monkeypatch.setattr(train_cifar, "evaluate", lambda args, g, images, device, it, *rest: evaluated.append(it))
+    common = ["--critic", "vit", "--penalty", "approx-r1", "--fsdp", "--iters", "3", "--sample-every", "100"]
     full = run_digits(tmp_path, *common, out="full")
-    run_digits(tmp_path, *common, "--stop-at", "2", out="part")
-    assert checkpoint_state(tmp_path / "part")["iter"] == 2 and not dist.is_initialized()
+    run_digits(tmp_path, *common, "--stop-at", "1", out="part")
+    assert checkpoint_state(tmp_path / "part")["iter"] == 1 and not dist.is_initialized()
     capsys.readouterr()
     part = run_digits(tmp_path, "--resume", out="part")  # no --fsdp, --critic, --penalty or --iters
     assert "resumed from" in capsys.readouterr().out and not dist.is_initialized()
     a, b = checkpoint_state(full), checkpoint_state(part)
     for key in STATE_KEYS:
         assert_same_tensors(a[key], b[key], key)
-    assert a["iter"] == b["iter"] == 4 and b["config"]["fsdp"] and b["world"] == 1
-    assert train_lines(full) == train_lines(part) and len(train_lines(full)) == 4
+    assert a["iter"] == b["iter"] == 3 and b["config"]["fsdp"] and b["world"] == 1 and evaluated == [3, 3]
+    assert train_lines(full) == train_lines(part) and len(train_lines(full)) == 3

@@ -211,6 +211,44 @@ def test_fp16_real_divergence_still_stops(tmp_path, monkeypatch):
         _run(tmp_path, "--iters", "40", "--amp", "fp16", "--device", "cpu")
 
 
+def test_divergence_message_says_which_checkpoint_is_kept(tmp_path, monkeypatch):
+    """A NaN critic at step 1 says no checkpoint was written yet (and none is); one that turns NaN after the
+    checkpoint of step 1 (--ckpt-every 1) names that checkpoint and its step, and the file holds step 1."""
+    forward, state = train_cifar.models.MLPCritic.forward, {"nan": False}
+    monkeypatch.setattr(train_cifar.models.MLPCritic, "forward",
+                        lambda self, x: forward(self, x) * (float("nan") if state["nan"] else 1.0))  # fmt: skip
+    state["nan"] = True
+    with pytest.raises(FloatingPointError, match=r"; no checkpoint was written yet \(--ckpt-every 1000\)$"):
+        _run(tmp_path, "--iters", "3", out="early")
+    assert not (tmp_path / "early" / "checkpoint.pt").exists()
+    save = train_cifar.save_atomic
+
+    def save_then_diverge(obj, path):
+        save(obj, path)
+        state["nan"] = True
+
+    state["nan"] = False
+    monkeypatch.setattr(train_cifar, "save_atomic", save_then_diverge)
+    ckpt = tmp_path / "late" / "checkpoint.pt"
+    with pytest.raises(FloatingPointError, match="between generator steps 2 and 2") as e:
+        _run(tmp_path, "--iters", "3", "--ckpt-every", "1", out="late")
+    assert str(e.value).endswith(f"; the last good checkpoint {ckpt} (generator step 1) is kept")
+    assert _state(tmp_path / "late")["iter"] == 1
+
+
+@pytest.mark.parametrize("sigma", ["1e-300", "1e-7", "9.9e-5"])
+def test_approx_sigma_below_float32_resolution_gives_one_line_naming_the_flag(sigma, capsys):
+    """An --approx-sigma below 1e-4 (the float32 quotient's rounding error eps32*|D|/sigma > ~1 %) exits 2 at
+    flag-check time with one line naming the flag, the bound and the reason; 1e-4 itself is accepted."""
+    with pytest.raises(SystemExit) as exc:
+        train_cifar.parse_args(["--dataset", "digits", "--penalty", "approx-r1", "--approx-sigma", sigma])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--approx-sigma must be >= 0.0001, got {float(sigma):g}: in float32" in err
+    assert "rounding error of about 1.19e-7*|D|/sigma" in err
+    assert train_cifar.parse_args(["--dataset", "digits", "--penalty", "approx-r1", "--approx-sigma", "1e-4"])
+
+
 def _folder(tmp_path):
     from PIL import Image
 
