@@ -269,8 +269,9 @@ def check_exact_critic(critic: Any, scan: Scan | None = None) -> None:
             f"An exact gradient penalty cannot run through FSDP: the critic contains the FSDP module "
             f"{_where(name, m)}. The penalty differentiates the critic twice, and the second backward "
             "through FSDP's parameter hooks crashes (FSDP2: 'setStorage ... storage of size 0', "
-            "https://github.com/pytorch/pytorch/issues/172543) or, with reshard_after_backward=False, "
-            f"gives wrong or missing gradients without an error. {INSTEAD}; fd and the estimators run "
+            "https://github.com/pytorch/pytorch/issues/172543); with set_reshard_after_backward(False) it "
+            "raises nothing but leaves the parameters without gradients (with nested FSDP units, some "
+            f"gradients are also wrong). {INSTEAD}; fd and the estimators run "
             "in FSDP's ordinary forward and backward. Or DistributedDataParallel, which the exact "
             "penalties support."
         )
@@ -363,9 +364,14 @@ class WatchAttention(TorchFunctionMode):
         self.seen = False
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is F.scaled_dot_product_attention:
+        if func in _SDPA or getattr(func, "__name__", "") == "scaled_dot_product_attention":
             self.seen = True
         return func(*args, **(kwargs or {}))
+
+
+# The attention function as imported: a later monkeypatch of F.scaled_dot_product_attention (a wrapper that
+# records calls) still reaches this builtin, which is what the mode sees.
+_SDPA = frozenset({F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention})
 
 
 def _node_error(node: Any) -> str:
