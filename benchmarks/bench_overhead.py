@@ -161,9 +161,9 @@ def main(argv=None):
     text = [f"Measured on {machine(torch.device('cpu'))}; torch {torch.__version__}, gradpen {gradpen.__version__}"
             f"{' (--quick, not representative)' if args.quick else ''}.", ""]  # fmt: skip
     if args.part in ("checks", "all"):
-        text += checks(200 if args.quick else 5000) + [""]
+        text += [*checks(200 if args.quick else 5000), ""]
     if args.part in ("steps", "all"):
-        text += steps(reps, 1 if args.quick else 3, args.quick) + [""]
+        text += [*steps(reps, 1 if args.quick else 3, args.quick), ""]
     out = Path(args.out or Path(__file__).parent / "results_overhead_cpu.md")
     out.write_text("\n".join(text))
     print(f"written to {out}")

@@ -20,9 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 
 if TYPE_CHECKING:
     from gradpen._args import CriticCall
@@ -352,26 +350,9 @@ _ONCE_CODE = once_differentiable(lambda ctx: None).__code__
 _ERROR_NODES = frozenset({"torch::autograd::NotImplemented", "torch::autograd::Error"})
 # Critics whose graph has passed the check (key: critic_key).
 _graph_checked = CriticCache()
-# Critics seen calling scaled_dot_product_attention in a forward (key: critic_key) -> True / False.
+# Critics whose first checked graph had a softmax on the input path (key: critic_key) -> True / False. On the
+# MATH kernel, attention is a softmax between two matmuls; a critic without one needs no MATH context.
 _attention = CriticCache()
-
-
-class WatchAttention(TorchFunctionMode):
-    """Records whether a forward calls ``scaled_dot_product_attention`` (at any depth)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = False
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in _SDPA or getattr(func, "__name__", "") == "scaled_dot_product_attention":
-            self.seen = True
-        return func(*args, **(kwargs or {}))
-
-
-# The attention function as imported: a later monkeypatch of F.scaled_dot_product_attention (a wrapper that
-# records calls) still reaches this builtin, which is what the mode sees.
-_SDPA = frozenset({F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention})
 
 
 def _node_error(node: Any) -> str:
@@ -410,11 +391,16 @@ def _input_paths(out: Tensor, inputs: Iterable[Tensor]) -> list[Any]:
     return order
 
 
-def _graph_problem(out: Tensor, inputs: Iterable[Tensor], grads: Iterable[Tensor | None]) -> str | None:
+def _graph_problem(
+    out: Tensor, inputs: Iterable[Tensor], grads: Iterable[Tensor | None], critic: Any = None
+) -> str | None:
     """What, among the ops between ``out`` and ``inputs`` or in the graph of the input gradients
     ``grads``, has no double backward; ``None`` if nothing. The forward graph goes first: it names a
-    Function."""
-    for node in _input_paths(out, inputs):
+    Function. With ``critic``, also records whether the path holds a softmax (attention)."""
+    path = _input_paths(out, inputs)
+    if critic is not None:
+        _attention.set(critic, _has_softmax(path))
+    for node in path:
         cls = getattr(node, "_forward_cls", None)
         if cls is not None and getattr(cls.backward, "__code__", None) is _ONCE_CODE:
             return (
@@ -517,37 +503,16 @@ def graph_checked(critic: Any) -> bool:
     return critic is not None and critic in _graph_checked
 
 
-class _WatchedMath:
-    """:func:`math_attention` with a :class:`WatchAttention` inside, whose finding is cached for the critic."""
-
-    __slots__ = ("critic", "math", "watch")
-
-    def __init__(self, critic: Any) -> None:
-        self.critic, self.math, self.watch = critic, math_attention(), WatchAttention()
-
-    def __enter__(self) -> None:
-        self.math.__enter__()
-        self.watch.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.watch.__exit__(*exc)
-        self.math.__exit__(*exc)
-        if exc[0] is None:
-            _attention.set(self.critic, self.watch.seen)
-
-
-_NO_CONTEXT = contextlib.nullcontext()
-
-
 def attention_context(critic: Any) -> contextlib.AbstractContextManager[Any]:
     """:func:`math_attention` around a forward that will be differentiated twice; skipped (it costs a few
-    µs) for a critic that was watched calling no ``scaled_dot_product_attention`` on its first call."""
-    if torch.compiler.is_compiling():
-        return math_attention()
-    known = _attention.get(critic)
-    if known is None:
-        return _WatchedMath(critic)
-    return math_attention() if known else _NO_CONTEXT
+    µs) for a critic whose checked graph had no softmax on its input path, so no attention."""
+    if not torch.compiler.is_compiling() and _attention.get(critic) is False:
+        return contextlib.nullcontext()
+    return math_attention()
+
+
+def _has_softmax(path: list[Any]) -> bool:
+    return any("oftmax" in node.name() for node in path)
 
 
 def check_graph(
@@ -561,7 +526,7 @@ def check_graph(
     Raises:
         UnsupportedCriticError: naming the op and the alternatives.
     """
-    problem = _graph_problem(out, tuple(inputs), grads) or (watch.close() if watch is not None else None)
+    problem = _graph_problem(out, tuple(inputs), grads, critic) or (watch.close() if watch is not None else None)
     if problem is not None:
         raise _refuse(problem)
     if critic is not None:
@@ -591,7 +556,7 @@ def probe_graph(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall) -> No
                 return  # a bad output is reported by the backend; a constant one has nothing to differentiate
             watch = FunctionWatch(out, xs)
             grads = torch.autograd.grad(out.sum(), xs, create_graph=True, allow_unused=True)
-            problem = _graph_problem(out, xs, grads) or watch.close()
+            problem = _graph_problem(out, xs, grads, critic) or watch.close()
     finally:
         with torch.no_grad():
             for b, saved in buffers:

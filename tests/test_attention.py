@@ -121,3 +121,30 @@ def test_kernel_choice_is_restored(backend):
             gradpen.gradient_penalty(_raising(critic), real, fake, backend=backend)
         assert _flags() == before
     assert _flags() == (True, True, True, True)
+
+
+@pytest.mark.parametrize("make", [TransformerCritic, SDPACritic], ids=["transformer", "sdpa"])
+def test_attention_critics_stay_on_math_after_the_first_call(make):
+    """Later calls keep the MATH kernel for an attention critic (nn.TransformerEncoderLayer reaches SDPA through
+    multi_head_attention_forward), so repeated penalties never hit a fused kernel's missing double backward."""
+    torch.manual_seed(0)
+    critic = make().double()
+    real, fake, alpha = _data()
+    for _ in range(3):
+        gradpen.gradient_penalty(critic, real, fake, alpha=alpha).backward()
+
+
+def test_a_critic_without_attention_skips_the_kernel_context_after_the_first_call():
+    """The MATH context costs a few microseconds per call; a critic whose checked graph has no softmax (no
+    attention) runs later calls without it: the kernel flags inside its forward are the caller's."""
+    seen = []
+    net = nn.Sequential(nn.Linear(E, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def critic(x):
+        seen.append(torch.backends.cuda.flash_sdp_enabled())
+        return net(x).sum((1, 2))
+
+    real, fake = torch.randn(N, L, E), torch.randn(N, L, E)
+    for _ in range(3):
+        gradpen.gradient_penalty(critic, real, fake)
+    assert seen == [False, True, True]  # MATH only (flash off) on the first, checked call

@@ -56,5 +56,5 @@ def test_every_formula_reads_as_text():
     """No backslash command or brace survives in the text of any formula of the docs."""
     tex = formulas()
     assert len(tex) > 300  # the collection works
-    left = [(t, s) for t, s in zip(tex, to_text(tex)) if re.search(r"\\[A-Za-z]|[{}]", s)]
+    left = [(t, s) for t, s in zip(tex, to_text(tex), strict=True) if re.search(r"\\[A-Za-z]|[{}]", s)]
     assert not left, "\n".join(f"{t!r} -> {s!r}" for t, s in left[:20])

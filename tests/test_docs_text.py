@@ -30,7 +30,9 @@ FORBIDDEN = {
         r"|where gradpen is developed|\bfor this (?:release|work)\b"
     ),
     "other people's jobs": r"\bother (?:engineers|jobs)\b|\bCI job\b|\bshared (?:it|the machine|with)\b",
-    "the code's history": r"\bbefore this guard\b|\bgradpen now\b|\bscratch measurement\b|\bwe (?:re-?measured|could not)\b",
+    "the code's history": (
+        r"\bbefore this guard\b|\bgradpen now\b|\bscratch measurement\b|\bwe (?:re-?measured|could not)\b"
+    ),
     "what could not be done here": r"could not be consulted|\bno GPU was available\b",
 }
 
