@@ -25,7 +25,12 @@ extensions = [
     "sphinx_copybutton",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]  # deflist: the Tutorial's argument list
+myst_enable_extensions = [
+    "dollarmath",
+    "amsmath",
+    "colon_fence",
+    "deflist",
+]  # deflist: the Tutorial's argument list
 myst_heading_anchors = 3
 exclude_patterns = ["_build"]
 
@@ -80,21 +85,36 @@ def results_tables(text: str) -> str:
     """The file's "Measured on ..." line, then its table split by the first column."""
     lines = text.splitlines()
     measured = [line for line in lines if line.startswith("Measured on")]
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in lines
+        if line.startswith("|")
+    ]
     header, body = rows[0], [r for r in rows[2:] if r and not set(r[0]) <= set("-:")]
-    keep = [i for i in range(1, len(header)) if any(r[i] not in ("n/a", "") for r in body)]  # no all-n/a column
+    keep = [
+        i for i in range(1, len(header)) if any(r[i] not in ("n/a", "") for r in body)
+    ]  # no all-n/a column
     out = measured[:1]
     for critic in dict.fromkeys(r[0] for r in body):
-        out += ["", f"**{critic}**", "", "| " + " | ".join(header[i] for i in keep) + " |"]
+        out += [
+            "",
+            f"**{critic}**",
+            "",
+            "| " + " | ".join(header[i] for i in keep) + " |",
+        ]
         out += ["|---|" + "---:|" * (len(keep) - 1)]
-        out += ["| " + " | ".join(r[i] for i in keep) + " |" for r in body if r[0] == critic]
+        out += [
+            "| " + " | ".join(r[i] for i in keep) + " |" for r in body if r[0] == critic
+        ]
     return "\n".join(out) + "\n"
 
 
 def _insert_results(app, docname, source):
     if RESULTS_MARKER in source[0]:
         app.env.note_dependency(str(RESULTS_CPU))
-        source[0] = source[0].replace(RESULTS_MARKER, results_tables(RESULTS_CPU.read_text()))
+        source[0] = source[0].replace(
+            RESULTS_MARKER, results_tables(RESULTS_CPU.read_text())
+        )
 
 
 def setup(app):

@@ -19,20 +19,52 @@ ENTRIES = {
         ("tuple", "py:class", "library/stdtypes.html#tuple"),
         ("dict", "py:class", "library/stdtypes.html#dict"),
         ("callable", "py:function", "library/functions.html#callable"),
-        ("collections.abc.Callable", "py:class", "library/collections.abc.html#collections.abc.Callable"),
-        ("collections.abc.Sequence", "py:class", "library/collections.abc.html#collections.abc.Sequence"),
+        (
+            "collections.abc.Callable",
+            "py:class",
+            "library/collections.abc.html#collections.abc.Callable",
+        ),
+        (
+            "collections.abc.Sequence",
+            "py:class",
+            "library/collections.abc.html#collections.abc.Sequence",
+        ),
         ("UserWarning", "py:exception", "library/exceptions.html#UserWarning"),
         ("ValueError", "py:exception", "library/exceptions.html#ValueError"),
         ("TypeError", "py:exception", "library/exceptions.html#TypeError"),
     ],
     "torch": [
         ("torch.Tensor", "py:class", "tensors.html#torch.Tensor"),
-        ("torch.Generator", "py:class", "generated/torch.Generator.html#torch.Generator"),
-        ("torch.nn.Module", "py:class", "generated/torch.nn.Module.html#torch.nn.Module"),
-        ("torch.nn.LayerNorm", "py:class", "generated/torch.nn.LayerNorm.html#torch.nn.LayerNorm"),
-        ("torch.nn.GroupNorm", "py:class", "generated/torch.nn.GroupNorm.html#torch.nn.GroupNorm"),
-        ("torch.nn.BatchNorm2d", "py:class", "generated/torch.nn.BatchNorm2d.html#torch.nn.BatchNorm2d"),
-        ("torch.nn.SyncBatchNorm", "py:class", "generated/torch.nn.SyncBatchNorm.html#torch.nn.SyncBatchNorm"),
+        (
+            "torch.Generator",
+            "py:class",
+            "generated/torch.Generator.html#torch.Generator",
+        ),
+        (
+            "torch.nn.Module",
+            "py:class",
+            "generated/torch.nn.Module.html#torch.nn.Module",
+        ),
+        (
+            "torch.nn.LayerNorm",
+            "py:class",
+            "generated/torch.nn.LayerNorm.html#torch.nn.LayerNorm",
+        ),
+        (
+            "torch.nn.GroupNorm",
+            "py:class",
+            "generated/torch.nn.GroupNorm.html#torch.nn.GroupNorm",
+        ),
+        (
+            "torch.nn.BatchNorm2d",
+            "py:class",
+            "generated/torch.nn.BatchNorm2d.html#torch.nn.BatchNorm2d",
+        ),
+        (
+            "torch.nn.SyncBatchNorm",
+            "py:class",
+            "generated/torch.nn.SyncBatchNorm.html#torch.nn.SyncBatchNorm",
+        ),
         (
             "torch.nn.parallel.DistributedDataParallel",
             "py:class",
@@ -40,14 +72,34 @@ ENTRIES = {
         ),
         ("torch.amp.GradScaler", "py:class", "amp.html#torch.amp.GradScaler"),
         ("torch.autocast", "py:class", "amp.html#torch.autocast"),
-        ("torch.autograd.grad", "py:function", "generated/torch.autograd.grad.html#torch.autograd.grad"),
-        ("torch.func.vmap", "py:function", "generated/torch.func.vmap.html#torch.func.vmap"),
-        ("torch.func.grad", "py:function", "generated/torch.func.grad.html#torch.func.grad"),
+        (
+            "torch.autograd.grad",
+            "py:function",
+            "generated/torch.autograd.grad.html#torch.autograd.grad",
+        ),
+        (
+            "torch.func.vmap",
+            "py:function",
+            "generated/torch.func.vmap.html#torch.func.vmap",
+        ),
+        (
+            "torch.func.grad",
+            "py:function",
+            "generated/torch.func.grad.html#torch.func.grad",
+        ),
         ("torch.compile", "py:function", "generated/torch.compile.html#torch.compile"),
-        ("torch.linalg.vector_norm", "py:function", "generated/torch.linalg.vector_norm.html#torch.linalg.vector_norm"),
+        (
+            "torch.linalg.vector_norm",
+            "py:function",
+            "generated/torch.linalg.vector_norm.html#torch.linalg.vector_norm",
+        ),
     ],
     "numpy": [
-        ("numpy.ndarray", "py:class", "reference/generated/numpy.ndarray.html#numpy.ndarray"),
+        (
+            "numpy.ndarray",
+            "py:class",
+            "reference/generated/numpy.ndarray.html#numpy.ndarray",
+        ),
     ],
 }
 
