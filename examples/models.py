@@ -213,17 +213,19 @@ class Block(nn.Module):
 class ViTCritic(nn.Module):
     """Patches -> linear embedding + learnt positions -> pre-norm blocks -> LayerNorm -> mean over tokens -> score.
 
-    Patches of ``max(2, image_size // 8)`` pixels: 16 tokens at 8x8, 64 at 16, 32 and 64; width ``dim``,
-    4 heads, 3 blocks, MLP width ``2 * dim``, GELU. No BatchNorm and no dropout, so the samples of a
+    Patches of ``patch`` pixels (0: ``max(2, image_size // 8)``, so 16 tokens at 8x8, 64 at 16, 32 and 64);
+    width ``dim``, 4 heads, ``depth`` blocks (default 3), MLP width ``2 * dim``, GELU. No BatchNorm and no dropout, so the samples of a
     batch never interact (what the per-sample penalties need) and the approx estimators can run one
     fused forward over their perturbed copies.
     """
 
-    def __init__(self, dim: int = 64, image_size: int = 8, channels: int = 1, depth: int = 3, heads: int = 4):
+    def __init__(
+        self, dim: int = 64, image_size: int = 8, channels: int = 1, depth: int = 3, heads: int = 4, patch: int = 0
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim must be a multiple of heads={heads} for the vit critic, got {dim}")
-        patch = max(2, image_size // 8)
+        patch = patch or max(2, image_size // 8)
         if image_size % patch:
             raise ValueError(f"image_size must be a multiple of the patch size {patch}, got {image_size}")
         self.embed = nn.Conv2d(channels, dim, patch, stride=patch)  # one linear map per patch
@@ -248,8 +250,12 @@ IMAGE_SIZES = {"resnet": (32, 64), "dcgan": (32, 64), "mlp": (8, 16)}  # what ea
 CRITICS = {"arch": None, "vit": ViTCritic}  # --critic: the critic of --arch, or one that replaces it
 
 
-def build(arch: str, dim: int, image_size: int, channels: int, critic: str = "arch") -> tuple[nn.Module, nn.Module]:
-    """The (generator, critic) pair of ``arch``; ``critic="vit"`` replaces its critic by :class:`ViTCritic`."""
+def build(
+    arch: str, dim: int, image_size: int, channels: int, critic: str = "arch", vit_depth: int = 3, vit_patch: int = 0
+) -> tuple[nn.Module, nn.Module]:
+    """The (generator, critic) pair of ``arch``; ``critic="vit"`` replaces its critic by :class:`ViTCritic`
+    (``vit_depth`` blocks, patches of ``vit_patch`` pixels, 0 for its default)."""
     gen_cls, critic_cls = ARCHS[arch]
-    critic_cls = CRITICS[critic] or critic_cls
+    if critic == "vit":
+        return gen_cls(dim, image_size, channels), ViTCritic(dim, image_size, channels, vit_depth, patch=vit_patch)
     return gen_cls(dim, image_size, channels), critic_cls(dim, image_size, channels)

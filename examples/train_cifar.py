@@ -102,7 +102,8 @@ BACKENDS = {
     "critics only); with --penalty r1, R1 from the loss's own forward",
 }
 # Flags added after the first checkpoints were written: an older checkpoint's config gets these values.
-ADDED_FLAGS = {"critic": "arch", "fsdp": False, "approx_sigma": 0.01, "approx_draws": 1, "loss": "wgan"}
+ADDED_FLAGS = {"critic": "arch", "fsdp": False, "approx_sigma": 0.01, "approx_draws": 1, "loss": "wgan",
+               "vit_depth": 3, "vit_patch": 0}  # fmt: skip
 # Flags that steer a run without changing what it computes: free to differ on --resume.
 RUN_CONTROL = {"out", "resume", "stop_at", "log_every", "sample_every", "ckpt_every", "eval_every", "eval_samples",
                "inception_weights", "workers", "device", "data_dir", "compile"}  # fmt: skip
@@ -144,6 +145,8 @@ def _parser(explicit_only: bool = False) -> OneLineParser:
     a("--image-size", type=int, help="32 (default) or 64; 8 (default) or 16 for --arch mlp")
     a("--arch", choices=sorted(models.ARCHS), help="default: resnet; mlp for --dataset digits")
     a("--critic", choices=list(models.CRITICS), default="arch", help="arch: the critic of --arch; vit: a ViT")
+    a("--vit-depth", type=int, default=3, help="--critic vit: transformer blocks")
+    a("--vit-patch", type=int, default=0, help="--critic vit: patch size in pixels (0: 2 for 8x8 images)")
     a("--dim", type=int, help="network width (default: 128; 64 for --dataset digits)")
     a("--batch-size", type=int, help="global critic batch (default: 64; 256 for --dataset digits)")
     a("--n-critic", type=int, default=DEFAULTS["n_critic"])
@@ -213,7 +216,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(p: OneLineParser, args: argparse.Namespace):
     """Every flag in range, or one line naming it (exit status 2)."""
     positive = ["dim", "batch_size", "n_critic", "iters", "gp_every", "log_every", "sample_every", "ckpt_every",
-                "approx_draws"]  # fmt: skip
+                "approx_draws", "vit_depth"]  # fmt: skip
     for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -260,6 +263,10 @@ def check_args(p: OneLineParser, args: argparse.Namespace):
         p.error(f"--approx-sigma/--approx-draws apply to --penalty approx-r1, not {args.penalty}")
     if args.critic == "vit" and args.dim % 4:
         p.error(f"--dim must be a multiple of 4 (attention heads) for --critic vit, got {args.dim}")
+    if args.vit_patch < 0 or (args.vit_patch and args.image_size % args.vit_patch):
+        p.error(f"--vit-patch must be 0 or divide --image-size {args.image_size}, got {args.vit_patch}")
+    if args.critic != "vit" and args.explicit & {"vit_depth", "vit_patch"} and not args.resume:
+        p.error("--vit-depth/--vit-patch apply to --critic vit")
     if args.inception_weights and not Path(args.inception_weights).is_file():
         p.error(f"--inception-weights {args.inception_weights!r} is not a file")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -680,7 +687,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # same initial weights on every rank
     images = load_images(args)
     channels = images.shape[1]
-    gen, critic = models.build(args.arch, args.dim, args.image_size, channels, args.critic)
+    gen, critic = models.build(
+        args.arch, args.dim, args.image_size, channels, args.critic, args.vit_depth, args.vit_patch
+    )
     gen, critic = gen.to(device), critic.to(device)
     ema = copy.deepcopy(gen).eval().requires_grad_(False) if args.ema > 0 else None
     if ck is not None:  # the weights before wrapping: DDP broadcasts them, fully_shard shards them
@@ -959,6 +968,7 @@ def main(argv=None):
                 break
         if world > 1:
             check_replicas(unwrap(gen), None if args.fsdp else unwrap(critic), rank)
+            dist.barrier()  # every rank done with its collectives before any tears the group down
     finally:
         if progress is not None:
             progress.close()

@@ -3,6 +3,8 @@
 The public surface is what ``__all__`` lists; every other module is private.
 """
 
+# First (ruff's isort keeps plain imports ahead): below the floor, one clear ImportError.
+import gradpen._compat  # noqa: F401
 from gradpen._approx import (
     approx_gradient_penalty,
     approx_r1_penalty,

@@ -51,6 +51,7 @@ from gradpen._checks import (
     check_number,
     check_pair,
 )
+from gradpen._compat import eager_below_compile_region
 from gradpen._forwards import Replay, can_fuse
 from gradpen._guards import CriticCache
 from gradpen._penalty import Critic, Inputs, _check_options, _finish, _grad_mode, _interpolate
@@ -279,6 +280,7 @@ def approx_squared_norms_from(outputs: Tensor, perturbed: Tensor, *, sigma: floa
     return ((noisy - clean) / sigma).square().mean(0)
 
 
+@eager_below_compile_region
 def approx_r1_penalty(
     critic: Critic,
     real: Inputs,
@@ -359,6 +361,7 @@ def approx_r1_penalty(
     )
 
 
+@eager_below_compile_region
 def approx_r2_penalty(
     critic: Critic,
     fake: Inputs,
@@ -402,6 +405,7 @@ def approx_r2_penalty(
     )
 
 
+@eager_below_compile_region
 def approx_gradient_penalty(
     critic: Critic,
     real: Inputs,

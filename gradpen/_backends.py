@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from gradpen._args import CriticCall
 from gradpen._checks import _type_name, check_bool, check_choice, check_critic_output, check_number
+from gradpen._compat import autocast_dtype
 from gradpen._forwards import Replay, can_fuse
 from gradpen._guards import (
     FunctionWatch,
@@ -286,9 +287,8 @@ def default_step(dtype: torch.dtype, scheme: str = "central") -> float:
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the critic computes in: autocast's for a float32 input under autocast, else the input's."""
-    if x.dtype == torch.float32 and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    amp = autocast_dtype(x.device.type) if x.dtype == torch.float32 and x.device.type != "meta" else None
+    return amp or x.dtype
 
 
 class FiniteDifference:

@@ -28,12 +28,14 @@ from gradpen._backends import (
     warn_if_coupled,
 )
 from gradpen._checks import as_inputs, check_bool, check_critic, check_critic_output
+from gradpen._compat import eager_below_compile_region
 from gradpen._forwards import Replay
 from gradpen._guards import FunctionWatch, UnsupportedCriticError, check_graph, graph_checked
 from gradpen._penalty import Critic, Inputs, _grad_mode, _grad_norms, _seed
 from gradpen._probes import batch_coupled
 
 
+@eager_below_compile_region
 def gradient_norms_from(
     outputs: Tensor,
     inputs: Inputs,

@@ -196,11 +196,22 @@ def _wrapper_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     wrapped by a module nobody imported, and gradpen does not pay FSDP's import time. Plain look-ups,
     which torch.compile traces without a graph break."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
+    # FSDP2 before torch 2.6 lives in torch.distributed._composable.fsdp (torch.distributed.fsdp has no
+    # FSDPModule), and its class was named FSDP before 2.4.
+    composable = sys.modules.get("torch.distributed._composable.fsdp")
     ddp = sys.modules.get("torch.nn.parallel.distributed")
-    return (
-        (fsdp.FSDPModule, fsdp.FullyShardedDataParallel) if fsdp is not None else (),
-        (ddp.DistributedDataParallel,) if ddp is not None else (),
+    found = []
+    wrappers = (
+        (fsdp, "FSDPModule"),
+        (composable, "FSDPModule"),
+        (composable, "FSDP"),
+        (fsdp, "FullyShardedDataParallel"),
     )
+    for mod, name in wrappers:
+        cls = getattr(mod, name, None) if mod is not None else None
+        if cls is not None and cls not in found:
+            found.append(cls)
+    return tuple(found), ((ddp.DistributedDataParallel,) if ddp is not None else ())
 
 
 class Scan:
@@ -357,10 +368,17 @@ _attention = CriticCache()
 
 def _node_error(node: Any) -> str:
     """The message an error node raises when run (it names the op)."""
-    try:
-        node(*[None] * len(node._input_metadata))
-    except RuntimeError as e:
-        return str(e).split("\n")[0]
+    metadata = getattr(node, "_input_metadata", None)
+    # torch<2.5 nodes have no _input_metadata: try the argument counts (a wrong one is a TypeError).
+    counts = [len(metadata)] if metadata is not None else range(16)
+    for count in counts:
+        try:
+            node(*[None] * count)
+        except TypeError:
+            continue
+        except RuntimeError as e:
+            return str(e).split("\n")[0]
+        break
     return node.name()
 
 

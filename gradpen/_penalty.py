@@ -32,6 +32,7 @@ from gradpen._checks import (
     check_pair,
     check_scaler,
 )
+from gradpen._compat import eager_below_compile_region
 
 Inputs = Tensor | Sequence[Tensor]
 Critic = Callable[..., Tensor]
@@ -239,6 +240,7 @@ def interpolate(
     return _pack(_interpolate(reals, fakes, alpha, generator), real)
 
 
+@eager_below_compile_region
 def gradient_norms(
     critic: Critic,
     inputs: Inputs,
@@ -308,6 +310,7 @@ def gradient_norms(
     return _norms_at(critic, xs, backend, critic_args, critic_kwargs, scaler, check_bool(create_graph, "create_graph"))
 
 
+@eager_below_compile_region
 def gradient_penalty(
     critic: Critic,
     real: Inputs,
@@ -439,6 +442,7 @@ def _squared_norm_penalty(
         return _finish(norms.square(), norms, reduction, return_norms)
 
 
+@eager_below_compile_region
 def r1_penalty(
     critic: Critic,
     real: Inputs,
@@ -483,6 +487,7 @@ def r1_penalty(
     )
 
 
+@eager_below_compile_region
 def r2_penalty(
     critic: Critic,
     fake: Inputs,
@@ -524,6 +529,7 @@ def r2_penalty(
     )
 
 
+@eager_below_compile_region
 def dragan_penalty(
     critic: Critic,
     real: Inputs,
@@ -590,6 +596,7 @@ def dragan_penalty(
         return _finish(_two_sided_or_not(norms, center, one_sided), norms, reduction, return_norms)
 
 
+@eager_below_compile_region
 def wgan_div_penalty(
     critic: Critic,
     real: Inputs,

@@ -512,7 +512,11 @@ def test_transformer_critic_compiled_equals_eager():
 
     from torch._inductor import config
 
-    whole = torch.compile(lambda x: gradpen.approx_r1_penalty(critic, x, draws=2), fullgraph=True)
+    from gradpen import _compat
+
+    # Below COMPILE_REGION the penalty runs eagerly inside the compiled function (a graph break).
+    fullgraph = _compat.TORCH >= _compat.COMPILE_REGION
+    whole = torch.compile(lambda x: gradpen.approx_r1_penalty(critic, x, draws=2), fullgraph=fullgraph)
     with config.patch(fallback_random=True):
         torch.manual_seed(13)
         want, want_g = step(lambda: gradpen.approx_r1_penalty(critic, x, draws=2))
@@ -538,7 +542,11 @@ def _fsdp_data():
 
 def _fsdp_worker(rank, world, store_path, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch<2.6: FSDP2 lived in torch.distributed._composable.fsdp
+        from torch.distributed._composable.fsdp import fully_shard
 
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
@@ -553,6 +561,10 @@ def _fsdp_worker(rank, world, store_path, out_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8),
+    reason="FSDP2 on the CPU (gloo) fails inside torch 2.6: 'Stream' object has no attribute 'record_event'",
+)
 def test_fsdp2_gradients_equal_unsharded_reference(tmp_path):
     """FSDP2 (fully_shard per layer, 2 gloo processes, half the batch each): the gathered gradients equal the
     average of unsharded single-process gradients computed with the same eps (float64)."""

@@ -51,7 +51,11 @@ def _worker(rank, world, store_path, out_dir, wrap):
         critic = _critic()
         if wrap == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+
+            try:
+                from torch.distributed.fsdp import fully_shard
+            except ImportError:  # torch<2.6: FSDP2 lived in torch.distributed._composable.fsdp
+                from torch.distributed._composable.fsdp import fully_shard
 
             mesh = init_device_mesh("cpu", (world,))
             for layer in critic:
@@ -77,7 +81,13 @@ def _flat(grads):
     return torch.cat([g.flatten() for g in grads])
 
 
-@pytest.mark.parametrize("wrap", ["fsdp", "ddp"])
+OLD_FSDP = pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8),
+    reason="FSDP2 on the CPU (gloo) fails inside torch 2.6: 'Stream' object has no attribute 'record_event'",
+)
+
+
+@pytest.mark.parametrize("wrap", [pytest.param("fsdp", marks=OLD_FSDP), "ddp"])
 def test_fd_across_processes_equals_the_unsharded_exact_gradient(tmp_path, wrap):
     """FSDP2 (fully_shard per layer) and DDP: with backend='fd', both ranks end with the same gradients, the
     average of the two single-process exact half-batch gradients (float64, 1e-8 relative)."""

@@ -57,7 +57,11 @@ def _wrap(case):
     critic = _critic()
     if case == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch<2.6: FSDP2 lived in torch.distributed._composable.fsdp
+            from torch.distributed._composable.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (WORLD,))
         fully_shard(critic[0], mesh=mesh)
