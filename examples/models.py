@@ -213,10 +213,11 @@ class Block(nn.Module):
 class ViTCritic(nn.Module):
     """Patches -> linear embedding + learnt positions -> pre-norm blocks -> LayerNorm -> mean over tokens -> score.
 
-    Patches of ``patch`` pixels (0: ``max(2, image_size // 8)``, so 16 tokens at 8x8, 64 at 16, 32 and 64);
-    width ``dim``, 4 heads, ``depth`` blocks (default 3), MLP width ``2 * dim``, GELU. No BatchNorm and no dropout, so the samples of a
-    batch never interact (what the per-sample penalties need) and the approx estimators can run one
-    fused forward over their perturbed copies.
+    Patches of ``patch`` pixels (0: ``max(2, image_size // 8)``, so 16 tokens at 8x8, 64 at 16, 32 and
+    64); width ``dim``, 4 heads, ``depth`` blocks (default 3), MLP width ``2 * dim``, GELU. No BatchNorm
+    and no dropout, so the samples of a batch never interact (what the per-sample penalties need) and the
+    approx estimators can run one fused forward over their perturbed copies. Smooth (GELU, LayerNorm), so
+    ``backend="fd"`` applies.
     """
 
     def __init__(
