@@ -104,6 +104,8 @@ class CriticCall:
 
     def __call__(self, critic: Callable[..., Tensor], *inputs: Tensor) -> Any:
         """Call the critic on a batch: ``critic(*inputs, *critic_args, **critic_kwargs)``."""
+        if self is _EMPTY:  # no critic_args or critic_kwargs: the common case, without the pytree
+            return critic(*inputs)
         args, kwargs = pytree.tree_unflatten(list(self.leaves), self.spec)
         return critic(*inputs, *args, **kwargs)
 
@@ -113,6 +115,8 @@ class CriticCall:
 
     def with_rows(self, rows: tuple[Tensor, ...]) -> CriticCall:
         """The same call with the per-sample tensors replaced by ``rows`` (in :meth:`rows` order)."""
+        if not rows and not any(self.per_sample):
+            return self
         it = iter(rows)
         leaves = tuple(next(it) if b else v for v, b in zip(self.leaves, self.per_sample, strict=True))
         return CriticCall(leaves, self.per_sample, self.spec, self.names, self.sample_lists)

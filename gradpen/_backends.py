@@ -229,12 +229,19 @@ def func_grads(
         total = out.sum()
         return total if seed is None else total * seed
 
-    per_sample = torch.func.vmap(torch.func.grad(one_sample), randomness="different")
+    rows = call.rows()
+    if len(inputs) == 1 and not rows:  # the common case: one tensor through vmap and grad, not two pytrees
+        per_sample = torch.func.vmap(torch.func.grad(lambda x: one_sample((x,), ())), randomness="different")
+        args: tuple[Any, ...] = (inputs[0],)
+    else:
+        per_sample = torch.func.vmap(torch.func.grad(one_sample), randomness="different")
+        args = (inputs, rows)
     with _row_hint(call):
         if create_graph and not _under_compile(critic):
             probe_graph(critic, inputs, call)
         with torch.enable_grad() if create_graph else torch.no_grad(), math_attention(), func_limits():
-            return per_sample(inputs, call.rows())
+            grads = per_sample(*args)
+    return (grads,) if isinstance(grads, Tensor) else grads
 
 
 @contextlib.contextmanager

@@ -222,23 +222,41 @@ class Scan:
     __slots__ = ("batchnorm", "fsdp", "kinked", "static_ddp")
 
     def __init__(self, critic: Any) -> None:
-        fsdp, ddp = _wrapper_classes()
         self.fsdp: list[tuple[nn.Module, nn.Module]] = []
         self.static_ddp: list[tuple[nn.Module, nn.Module]] = []
         self.batchnorm: list[tuple[nn.Module, nn.Module]] = []
         self.kinked: list[tuple[nn.Module, nn.Module]] = []
         for root in critic_modules(critic):
-            for m in root.modules():
-                if isinstance(m, _SCANNED):
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        if m.training or not m.track_running_stats:
-                            self.batchnorm.append((root, m))
-                    elif not isinstance(m, nn.ELU) or m.alpha != 1.0:
-                        self.kinked.append((root, m))
-                if fsdp and isinstance(m, fsdp):
-                    self.fsdp.append((root, m))
-                if ddp and isinstance(m, ddp) and m.static_graph:
-                    self.static_ddp.append((root, m))
+            # The walk of Module.modules() without its names and generators (this runs on every call):
+            # each module once, each class classified once (_kind).
+            seen: set[int] = set()
+            todo = [root]
+            while todo:
+                m = todo.pop()
+                if id(m) in seen:
+                    continue
+                seen.add(id(m))
+                kinds = _KINDS.get(type(m))
+                if kinds is None:
+                    kinds = _kinds(type(m))
+                for kind in kinds:
+                    self._add(kind, root, m)
+                if m._modules:
+                    todo.extend(c for c in reversed(m._modules.values()) if c is not None)
+
+    def _add(self, kind: str, root: nn.Module, m: nn.Module) -> None:
+        if kind == "batchnorm":
+            if m.training or not m.track_running_stats:
+                self.batchnorm.append((root, m))
+        elif kind == "elu":
+            if m.alpha != 1.0:
+                self.kinked.append((root, m))
+        elif kind == "kinked":
+            self.kinked.append((root, m))
+        elif kind == "fsdp":
+            self.fsdp.append((root, m))
+        elif kind == "ddp" and m.static_graph:
+            self.static_ddp.append((root, m))
 
     @staticmethod
     def name(root: nn.Module, m: nn.Module) -> str:
@@ -246,7 +264,28 @@ class Scan:
         return next((n for n, x in root.named_modules() if x is m), "")
 
 
-_SCANNED = (nn.modules.batchnorm._BatchNorm, nn.ELU, *_KINKED)
+# What Scan looks for, by class (a module wrapped by fully_shard can be a BatchNorm and FSDP at once).
+# A class is classified when first met; the FSDP and DDP classes it is compared with come from modules
+# already imported, and a subclass of one cannot exist before its module is imported, so an earlier
+# classification stays right.
+_KINDS: dict[type, tuple[str, ...]] = {}
+
+
+def _kinds(cls: type) -> tuple[str, ...]:
+    fsdp, ddp = _wrapper_classes()
+    kinds = []
+    if issubclass(cls, nn.modules.batchnorm._BatchNorm):
+        kinds.append("batchnorm")
+    elif issubclass(cls, nn.ELU):
+        kinds.append("elu")
+    elif issubclass(cls, _KINKED):
+        kinds.append("kinked")
+    if fsdp and issubclass(cls, fsdp):
+        kinds.append("fsdp")
+    if ddp and issubclass(cls, ddp):
+        kinds.append("ddp")
+    _KINDS[cls] = found = tuple(kinds)
+    return found
 
 
 def batch_coupled_modules(critic: Any, scan: Scan | None = None) -> list[str]:

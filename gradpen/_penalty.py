@@ -66,8 +66,7 @@ def _inference_mode() -> bool:
     return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
 
 
-@contextlib.contextmanager
-def _grad_mode(create_graph: bool) -> Iterator[None]:
+def _grad_mode(create_graph: bool) -> contextlib.AbstractContextManager[None]:
     """Grad mode for the work of a differentiable result, whatever the caller's mode.
 
     ``torch.no_grad()`` around a penalty would otherwise return a constant, and the critic would
@@ -75,16 +74,14 @@ def _grad_mode(create_graph: bool) -> Iterator[None]:
     so a differentiable result is refused there.
     """
     if not create_graph:
-        yield
-        return
+        return contextlib.nullcontext()
     if _inference_mode():
         raise RuntimeError(
             "A differentiable gradient penalty cannot be built under torch.inference_mode(): its tensors "
             "can never be part of a graph. Compute the penalty outside inference_mode, or, to log the norms "
             "only, call gradpen.gradient_norms(..., create_graph=False), which works there."
         )
-    with torch.enable_grad():
-        yield
+    return torch.enable_grad()
 
 
 # Plain float32 norms inside this range lost nothing to overflow or underflow: their squares' sum is far
@@ -118,9 +115,13 @@ def _norm(x: Tensor, dtype: torch.dtype) -> Tensor:
 def _grad_norms(grads: tuple[Tensor, ...], seed: Tensor | None) -> Tensor:
     """Per-sample L2 norms ``(N,)`` over all non-batch elements of all ``grads`` together, in float32 or
     wider (the widest of the gradients' dtypes), with the seed divided out."""
-    dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
-    flat = [g.reshape(g.shape[0], -1) for g in grads]
-    norms = _norm(flat[0], dtype) if len(flat) == 1 else _norm(torch.stack([_norm(f, dtype) for f in flat], 1), dtype)
+    if len(grads) == 1:
+        g = grads[0]
+        dtype = torch.promote_types(g.dtype, torch.float32)
+        norms = _norm(g.reshape(g.shape[0], -1), dtype)
+    else:
+        dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
+        norms = _norm(torch.stack([_norm(g.reshape(g.shape[0], -1), dtype) for g in grads], 1), dtype)
     # Unscale the norm rather than the gradients: N divisions instead of N * D.
     return norms if seed is None else norms / seed.to(dtype)
 
@@ -184,13 +185,19 @@ def _interpolate(
     reals: tuple[Tensor, ...], fakes: tuple[Tensor, ...], alpha: Tensor | None, generator: torch.Generator | None
 ) -> tuple[Tensor, ...]:
     first = reals[0]
-    check_generator(generator, first)
+    if generator is not None:
+        check_generator(generator, first)
     if alpha is None:
         # Drawn in the widest of the inputs' dtypes, then rounded per input: one alpha for all inputs.
-        widest = functools.reduce(torch.promote_types, (r.dtype for r in reals))
+        widest = first.dtype if len(reals) == 1 else functools.reduce(torch.promote_types, (r.dtype for r in reals))
         alpha = _rand((first.shape[0],), generator, first.to(widest) if first.dtype != widest else first)
     else:
         alpha = check_alpha(alpha, first)
+    if len(reals) == 1:  # the common case, with no op that does nothing (each costs a dispatch)
+        r, f = first, fakes[0]
+        r, f = (r.detach() if r.requires_grad else r), (f.detach() if f.requires_grad else f)
+        a = alpha if alpha.dtype == r.dtype else alpha.to(r.dtype)
+        return (torch.lerp(f, r, a.view(-1, *([1] * (r.ndim - 1)))),)
     # lerp(f, r, a) = f + a (r - f); exact at a = 0 (fake) and a = 1 (real).
     return tuple(
         torch.lerp(f.detach(), r.detach(), alpha.to(r.dtype).view(-1, *([1] * (r.ndim - 1))))
