@@ -171,7 +171,7 @@ def _parser(explicit_only: bool = False) -> OneLineParser:
     a("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast; fp16 adds a GradScaler")
     a("--ema", type=float, help="EMA decay of the generator for samples/eval (0: off; default 0, digits 0.999)")
     a("--compile", action="store_true", help="torch.compile both networks (the penalty then uses torch.func)")
-    a("--fsdp", action="store_true", help="shard the critic with FSDP2 (torchrun, or 1 process); exact kinds: --backend fd")
+    a("--fsdp", action="store_true", help="shard the critic with FSDP2 (torchrun or 1 process); exact: --backend fd")
     a("--seed", type=int, default=0, help=f"0 to {SEED_MAX}")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--out", help="output directory (default: runs/DATASET)")
