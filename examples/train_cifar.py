@@ -12,11 +12,14 @@ Several GPUs (the batch is global, split across ranks; only rank 0 logs and chec
 
     torchrun --standalone --nproc_per_node=4 examples/train_cifar.py --dataset cifar10 --data-dir data
 
-A transformer critic (``--critic vit``), sharded with FSDP2 across 2 CPU processes, trained with the
-double-backward-free R1 estimator (exact penalties cannot run through FSDP; see docs/examples.md):
+A transformer critic (``--critic vit``) with WGAN-GP on the fd backend (no double backward; the
+attention on its default kernel), and the same critic sharded with FSDP2 across 2 CPU processes
+(see docs/examples.md):
 
+    python examples/train_cifar.py --dataset digits --critic vit --vit-depth 1 --vit-patch 4 \
+        --penalty wgan-gp --backend fd --iters 3600
     torchrun --standalone --nproc_per_node=2 examples/train_cifar.py --dataset digits --critic vit \
-        --fsdp --penalty approx-r1 --gp-weight 5
+        --fsdp --penalty wgan-gp --backend fd
 
 Continue an interrupted run with ``--resume`` (the checkpoint's config is used; flags that would change
 the run are refused, except ``--iters`` and ``--lr``, which are applied and recorded). Samples,
