@@ -17,7 +17,7 @@ attention on its default kernel), and the same critic sharded with FSDP2 across 
 (see docs/examples.md):
 
     python examples/train_cifar.py --dataset digits --critic vit --vit-depth 1 --vit-patch 4 \
-        --penalty wgan-gp --backend fd --iters 3600
+        --penalty wgan-gp --backend fd --iters 3000 --ema 0.99
     torchrun --standalone --nproc_per_node=2 examples/train_cifar.py --dataset digits --critic vit \
         --fsdp --penalty wgan-gp --backend fd
 
