@@ -228,7 +228,7 @@ class Scan:
         self.kinked: list[tuple[nn.Module, nn.Module]] = []
         for root in critic_modules(critic):
             # The walk of Module.modules() without its names and generators (this runs on every call):
-            # each module once, each class classified once (_kind).
+            # each module once, each class classified once (_kinds).
             seen: set[int] = set()
             todo = [root]
             while todo:
