@@ -145,6 +145,8 @@ def _has_sample_list(value: Any, n: int) -> bool:
 
 def resolve_critic_args(critic_args: Any, critic_kwargs: Any, n: int) -> CriticCall:
     """Validate ``critic_args``/``critic_kwargs`` and sort their tensors into per-sample and shared."""
+    if critic_kwargs is None and type(critic_args) is tuple and not critic_args:  # the defaults
+        return _EMPTY
     args, kwargs = check_call_args(critic_args, critic_kwargs)
     if not args and not kwargs:  # the common case, without the flattening
         return _EMPTY

@@ -54,6 +54,7 @@ from gradpen._checks import _type_name, check_bool, check_choice, check_critic_o
 from gradpen._compat import autocast_dtype
 from gradpen._forwards import Replay, can_fuse
 from gradpen._guards import (
+    NO_CONTEXT,
     FunctionWatch,
     Scan,
     UnsupportedCriticError,
@@ -62,11 +63,13 @@ from gradpen._guards import (
     check_distributed_fd,
     check_exact_critic,
     check_graph,
+    critic_key,
     func_limits,
     graph_checked,
     kinked_modules,
     math_attention,
     probe_graph,
+    uncompiled,
 )
 from gradpen._probes import KINK_TOL, batch_coupled, batch_coupled_by_forward, kink_ratio
 
@@ -80,7 +83,7 @@ COUPLED = (
 
 def _under_compile(critic: Any) -> bool:
     """Inside a torch.compile region, or a critic made by ``torch.compile(module)``."""
-    return torch.compiler.is_compiling() or (isinstance(critic, nn.Module) and hasattr(critic, "_orig_mod"))
+    return torch.compiler.is_compiling() or (isinstance(critic, nn.Module) and uncompiled(critic) is not critic)
 
 
 def _batchnorm_message(coupled: list[str], what: str) -> str:
@@ -93,7 +96,12 @@ def _batchnorm_message(coupled: list[str], what: str) -> str:
 
 
 def warn_if_coupled(
-    critic: Any, out: Tensor, leaves: tuple[Tensor, ...], stacklevel: int, scan: Scan | None = None
+    critic: Any,
+    out: Tensor,
+    leaves: tuple[Tensor, ...],
+    stacklevel: int,
+    scan: Scan | None = None,
+    key: tuple[Any, ...] | None = None,
 ) -> None:
     """The autograd backend (and gradient_norms_from with a critic): warn about batch coupling, by type
     (BatchNorm) or by behaviour (:func:`gradpen._probes.batch_coupled`, on the graph of ``out``)."""
@@ -107,7 +115,7 @@ def warn_if_coupled(
             UserWarning,
             stacklevel=stacklevel + 1,
         )
-    elif batch_coupled(critic, out, leaves):
+    elif batch_coupled(critic, out, leaves, key):
         warnings.warn(
             f"{COUPLED} Row i of the input gradient is then the gradient of the batch's summed score with "
             "respect to sample i, not sample i's own gradient, and the penalty is built on it. That is "
@@ -165,12 +173,13 @@ def autograd_grads(
     scan = Scan(critic)
     check_exact_critic(critic, scan)
     n = inputs[0].shape[0]
+    key = critic_key(critic)[0]  # once, for the three cached checks
     leaves = tuple(x.detach().requires_grad_(True) for x in inputs)
-    with torch.enable_grad():
-        with attention_context(critic):
+    with NO_CONTEXT if torch.is_grad_enabled() else torch.enable_grad():
+        with attention_context(critic, key):
             out = check_critic_output(call(critic, *leaves), n)
-        warn_if_coupled(critic, out, leaves, 6, scan)
-        check = create_graph and out.requires_grad and not graph_checked(critic)
+        warn_if_coupled(critic, out, leaves, 6, scan, key)
+        check = create_graph and out.requires_grad and not graph_checked(critic, key)
         watch = FunctionWatch(out, leaves) if check else None
         grads = input_grads(out, leaves, seed, create_graph)
     if check:

@@ -49,6 +49,25 @@ def as_inputs(x: Any, name: str) -> tuple[Tensor, ...]:
     return xs
 
 
+def as_pair(real: Any, fake: Any) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """:func:`as_inputs` of ``real`` and ``fake``, and :func:`check_pair`; two tensors that pass every
+    check of both take one test."""
+    if (
+        isinstance(real, Tensor)
+        and isinstance(fake, Tensor)
+        and real.ndim > 0
+        and real.shape[0] > 0
+        and real.is_floating_point()
+        and real.shape == fake.shape
+        and real.dtype == fake.dtype
+        and real.device == fake.device
+    ):
+        return (real,), (fake,)
+    reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
+    check_pair(reals, fakes)
+    return reals, fakes
+
+
 def check_pair(real: tuple[Tensor, ...], fake: tuple[Tensor, ...]) -> None:
     """``real`` and ``fake`` must hold the same number of tensors of the same shapes and dtypes."""
     if len(real) != len(fake):
@@ -67,9 +86,8 @@ def check_pair(real: tuple[Tensor, ...], fake: tuple[Tensor, ...]) -> None:
 
 def check_choice(value: Any, name: str, options: Iterable[str]) -> None:
     """``value`` must be one of ``options`` (the registry the message is built from)."""
-    options = sorted(options)
     if not isinstance(value, str) or value not in options:
-        raise ValueError(f"Unknown {name} {value!r}. Expected one of {options}.")
+        raise ValueError(f"Unknown {name} {value!r}. Expected one of {sorted(options)}.")
 
 
 def check_number(
@@ -77,7 +95,7 @@ def check_number(
 ) -> float:
     """``value`` must be a real number (not a bool), finite unless ``finite=False``, optionally ``>= low``
     (``> low`` if strict)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"`{name}` must be a real number, got {_type_name(value)}.")
     value = float(value)
     if value != value:  # NaN

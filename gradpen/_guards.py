@@ -66,7 +66,7 @@ def _parts(critic: Any) -> Iterator[Any]:
             continue
         seen.add(id(obj))
         if isinstance(obj, nn.Module):
-            yield getattr(obj, "_orig_mod", obj)
+            yield uncompiled(obj)
             continue
         if isinstance(obj, (list, tuple, set, frozenset, dict)):
             items = list(obj.values() if isinstance(obj, dict) else obj)[:_CONTAINER_ITEMS]
@@ -101,13 +101,21 @@ def _cell_contents(cells: tuple[Any, ...]) -> Iterator[Any]:
             continue
 
 
+def uncompiled(m: nn.Module) -> nn.Module:
+    """The module that ``torch.compile(m)`` wraps (its ``_orig_mod`` submodule), else ``m``: a dictionary
+    look-up, where ``getattr(m, "_orig_mod", m)`` raises and catches an AttributeError (3 µs)."""
+    modules = m.__dict__.get("_modules")  # absent in a module whose __init__ did not run nn.Module's
+    inner = modules.get("_orig_mod") if modules else None
+    return m if inner is None else inner
+
+
 def critic_modules(critic: Any) -> list[nn.Module]:
     """The modules behind ``critic`` (see :func:`_parts` for where they are looked for): the critic
     itself, or what a ``functools.partial``, a bound method (``D.forward``), a ``torch.compile``\\ d
     module, a callable object or a function's closure (``lambda x: D(x, y)`` inside a training step)
     holds. A module that a function reads as a global variable is not seen."""
     if isinstance(critic, nn.Module):  # the common case, without the search
-        return [getattr(critic, "_orig_mod", critic)]
+        return [uncompiled(critic)]
     return [p for p in _parts(critic) if isinstance(p, nn.Module)]
 
 
@@ -120,13 +128,13 @@ def critic_key(critic: Any) -> tuple[tuple[Any, ...], list[Any]]:
     the key and the objects whose death must end its validity.
     """
     if isinstance(critic, nn.Module):  # the common case, without the search
-        m = getattr(critic, "_orig_mod", critic)
+        m = uncompiled(critic)
         return ((id(m), type(m), m.training),), [m]
     key: list[Any] = []
     anchors: list[Any] = []
     for part in _parts(critic):
         if isinstance(part, nn.Module):
-            part = getattr(part, "_orig_mod", part)
+            part = uncompiled(part)
             key.append((id(part), type(part), part.training))
             anchors.append(part)
         elif isinstance(part, types.FunctionType):
@@ -149,16 +157,22 @@ class CriticCache:
     def __init__(self) -> None:
         self._values: dict[tuple[Any, ...], Any] = {}
 
-    def get(self, critic: Any, default: Any = None) -> Any:
-        return self._values.get(critic_key(critic)[0], default)
+    # ``key``: the critic's critic_key(critic)[0], where the caller has it already (one computation for
+    # the several cached checks of a call).
 
-    def lookup(self, critic: Any) -> tuple[bool, Any]:
+    def get(self, critic: Any, default: Any = None, key: tuple[Any, ...] | None = None) -> Any:
+        return self._values.get(critic_key(critic)[0] if key is None else key, default)
+
+    def lookup(self, critic: Any, key: tuple[Any, ...] | None = None) -> tuple[bool, Any]:
         """(whether the critic has an entry, its value), with one key computation."""
-        key = critic_key(critic)[0]
+        key = critic_key(critic)[0] if key is None else key
         return (True, self._values[key]) if key in self._values else (False, None)
 
+    def has(self, critic: Any, key: tuple[Any, ...] | None = None) -> bool:
+        return (critic_key(critic)[0] if key is None else key) in self._values
+
     def __contains__(self, critic: Any) -> bool:
-        return critic_key(critic)[0] in self._values
+        return self.has(critic)
 
     def set(self, critic: Any, value: Any = True) -> None:
         key, anchors = critic_key(critic)
@@ -351,6 +365,10 @@ def _static_ddp(name: str, m: nn.Module, who: str, what: str) -> UnsupportedCrit
 def _where(name: str, m: nn.Module) -> str:
     """``m`` named by its path in its root, for an error message."""
     return f"`{name}` ({type(m).__name__})" if name else type(m).__name__
+
+
+# A context that does nothing, made once (nullcontext is reusable and reentrant).
+NO_CONTEXT = contextlib.nullcontext()
 
 
 # --- attention: the SDPA MATH kernel ---------------------------------------------------------
@@ -555,16 +573,16 @@ def _refuse(problem: str) -> UnsupportedCriticError:
     )
 
 
-def graph_checked(critic: Any) -> bool:
-    """The critic (by :func:`critic_key`) has passed :func:`check_graph` before."""
-    return critic is not None and critic in _graph_checked
+def graph_checked(critic: Any, key: tuple[Any, ...] | None = None) -> bool:
+    """The critic (by :func:`critic_key`, or its given ``key``) has passed :func:`check_graph` before."""
+    return critic is not None and _graph_checked.has(critic, key)
 
 
-def attention_context(critic: Any) -> contextlib.AbstractContextManager[Any]:
+def attention_context(critic: Any, key: tuple[Any, ...] | None = None) -> contextlib.AbstractContextManager[Any]:
     """:func:`math_attention` around a forward that will be differentiated twice; skipped (it costs a few
     µs) for a critic whose checked graph had no softmax on its input path, so no attention."""
-    if not torch.compiler.is_compiling() and _attention.get(critic) is False:
-        return contextlib.nullcontext()
+    if not torch.compiler.is_compiling() and _attention.get(critic, key=key) is False:
+        return NO_CONTEXT
     return math_attention()
 
 

@@ -23,6 +23,7 @@ from gradpen._args import resolve_critic_args
 from gradpen._backends import FiniteDifference, resolve_backend
 from gradpen._checks import (
     as_inputs,
+    as_pair,
     check_alpha,
     check_bool,
     check_choice,
@@ -33,6 +34,7 @@ from gradpen._checks import (
     check_scaler,
 )
 from gradpen._compat import eager_below_compile_region
+from gradpen._guards import NO_CONTEXT
 
 Inputs = Tensor | Sequence[Tensor]
 Critic = Callable[..., Tensor]
@@ -74,14 +76,14 @@ def _grad_mode(create_graph: bool) -> contextlib.AbstractContextManager[None]:
     so a differentiable result is refused there.
     """
     if not create_graph:
-        return contextlib.nullcontext()
+        return NO_CONTEXT
     if _inference_mode():
         raise RuntimeError(
             "A differentiable gradient penalty cannot be built under torch.inference_mode(): its tensors "
             "can never be part of a graph. Compute the penalty outside inference_mode, or, to log the norms "
             "only, call gradpen.gradient_norms(..., create_graph=False), which works there."
         )
-    return torch.enable_grad()
+    return NO_CONTEXT if torch.is_grad_enabled() else torch.enable_grad()
 
 
 # Plain float32 norms inside this range lost nothing to overflow or underflow: their squares' sum is far
@@ -101,10 +103,12 @@ def _norm(x: Tensor, dtype: torch.dtype) -> Tensor:
     """
     if x.dtype in (torch.float16, torch.float64) or x.shape[1] == 0:
         return torch.linalg.vector_norm(x, dim=1, dtype=dtype)
-    if x.device.type == "cpu" and x.dtype == dtype and not torch.compiler.is_compiling():
+    if x.dtype == dtype and x.is_cpu and not torch.compiler.is_compiling():
         plain = torch.linalg.vector_norm(x, dim=1)
-        low, high = torch.aminmax(plain.detach())
-        if _SAFE[0] < low.item() and high.item() < _SAFE[1]:
+        # N floats as a list: cheaper than aminmax and two item() calls. A NaN row can hide from min/max
+        # (comparisons with NaN are false), but never another row; either way its norm is NaN.
+        values = plain.tolist()
+        if _SAFE[0] < min(values) and max(values) < _SAFE[1]:
             return plain
     m = x.detach().abs().amax(dim=1, keepdim=True).to(dtype)
     m = torch.where((m > 0) & m.isfinite(), m, torch.ones_like(m))
@@ -420,8 +424,7 @@ def gradient_penalty(
         >>> torch.allclose(gp, (w.norm() - 1) ** 2)
         True
     """
-    reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
-    check_pair(reals, fakes)
+    reals, fakes = as_pair(real, fake)
     center = check_number(center, "center", low=0.0)
     check_bool(one_sided, "one_sided")
     _check_options(reduction, return_norms)

@@ -47,9 +47,10 @@ _coupling = CriticCache()
 _kinks = CriticCache()
 
 
-def _cached(cache: CriticCache, critic: Any, measure: Callable[[], Any]) -> Any:
-    """The cached result for this critic, or ``measure()`` (cached unless it is ``None``)."""
-    found, value = cache.lookup(critic)
+def _cached(cache: CriticCache, critic: Any, measure: Callable[[], Any], key: tuple[Any, ...] | None = None) -> Any:
+    """The cached result for this critic (``key``: its critic key, if known), or ``measure()`` (cached
+    unless it is ``None``)."""
+    found, value = cache.lookup(critic, key)
     if found:
         return value
     value = measure()
@@ -79,13 +80,13 @@ def coupled_in_graph(out: Tensor, leaves: tuple[Tensor, ...]) -> bool | None:
     return any(g is not None and bool(g[1:].ne(0).any()) for g in grads)
 
 
-def batch_coupled(critic: Any, out: Tensor, leaves: tuple[Tensor, ...]) -> bool:
-    """:func:`coupled_in_graph`, once per critic key (``critic=None``: every time)."""
-    if torch.compiler.is_compiling() or leaves[0].device.type == "meta":
+def batch_coupled(critic: Any, out: Tensor, leaves: tuple[Tensor, ...], key: tuple[Any, ...] | None = None) -> bool:
+    """:func:`coupled_in_graph`, once per critic key (``key``, if known; ``critic=None``: every time)."""
+    if torch.compiler.is_compiling() or leaves[0].is_meta:
         return False
     if critic is None:
         return bool(coupled_in_graph(out, leaves))
-    return bool(_cached(_coupling, critic, lambda: coupled_in_graph(out, leaves)))
+    return bool(_cached(_coupling, critic, lambda: coupled_in_graph(out, leaves), key))
 
 
 def batch_coupled_by_forward(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall) -> bool:
