@@ -43,13 +43,13 @@ from gradpen._backends import compute_dtype
 from gradpen._checks import (
     _type_name,
     as_inputs,
+    as_pair,
     check_choice,
     check_critic,
     check_critic_output,
     check_generator,
     check_int,
     check_number,
-    check_pair,
 )
 from gradpen._compat import eager_below_compile_region
 from gradpen._forwards import Replay, can_fuse
@@ -459,8 +459,7 @@ def approx_gradient_penalty(
         >>> loss_d = critic(fake).mean() - critic(real).mean() + 10 * zc
         >>> loss_d.backward()
     """
-    reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
-    check_pair(reals, fakes)
+    reals, fakes = as_pair(real, fake)
     sigma, draws = _settings(critic, sigma, draws, scheme)
     _check_options(reduction, return_norms)
     x_hat = _interpolate(reals, fakes, alpha, generator)

@@ -54,7 +54,6 @@ from gradpen._checks import _type_name, check_bool, check_choice, check_critic_o
 from gradpen._compat import autocast_dtype
 from gradpen._forwards import Replay, can_fuse
 from gradpen._guards import (
-    NO_CONTEXT,
     FunctionWatch,
     Scan,
     UnsupportedCriticError,
@@ -65,6 +64,7 @@ from gradpen._guards import (
     check_graph,
     critic_key,
     func_limits,
+    grad_enabled,
     graph_checked,
     kinked_modules,
     math_attention,
@@ -175,7 +175,7 @@ def autograd_grads(
     n = inputs[0].shape[0]
     key = critic_key(critic)[0]  # once, for the three cached checks
     leaves = tuple(x.detach().requires_grad_(True) for x in inputs)
-    with NO_CONTEXT if torch.is_grad_enabled() else torch.enable_grad():
+    with grad_enabled():
         with attention_context(critic, key):
             out = check_critic_output(call(critic, *leaves), n)
         warn_if_coupled(critic, out, leaves, 6, scan, key)

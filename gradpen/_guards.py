@@ -157,19 +157,22 @@ class CriticCache:
     def __init__(self) -> None:
         self._values: dict[tuple[Any, ...], Any] = {}
 
-    # ``key``: the critic's critic_key(critic)[0], where the caller has it already (one computation for
-    # the several cached checks of a call).
+    @staticmethod
+    def _key(critic: Any, key: tuple[Any, ...] | None) -> tuple[Any, ...]:
+        """``key`` where the caller has it already (one computation for the several cached checks of a
+        call), else ``critic_key(critic)[0]``."""
+        return critic_key(critic)[0] if key is None else key
 
     def get(self, critic: Any, default: Any = None, key: tuple[Any, ...] | None = None) -> Any:
-        return self._values.get(critic_key(critic)[0] if key is None else key, default)
+        return self._values.get(self._key(critic, key), default)
 
     def lookup(self, critic: Any, key: tuple[Any, ...] | None = None) -> tuple[bool, Any]:
         """(whether the critic has an entry, its value), with one key computation."""
-        key = critic_key(critic)[0] if key is None else key
+        key = self._key(critic, key)
         return (True, self._values[key]) if key in self._values else (False, None)
 
     def has(self, critic: Any, key: tuple[Any, ...] | None = None) -> bool:
-        return (critic_key(critic)[0] if key is None else key) in self._values
+        return self._key(critic, key) in self._values
 
     def __contains__(self, critic: Any) -> bool:
         return self.has(critic)
@@ -369,6 +372,11 @@ def _where(name: str, m: nn.Module) -> str:
 
 # A context that does nothing, made once (nullcontext is reusable and reentrant).
 NO_CONTEXT = contextlib.nullcontext()
+
+
+def grad_enabled() -> contextlib.AbstractContextManager[Any]:
+    """``torch.enable_grad()``, or nothing where grad mode is on already (the common case)."""
+    return NO_CONTEXT if torch.is_grad_enabled() else torch.enable_grad()
 
 
 # --- attention: the SDPA MATH kernel ---------------------------------------------------------

@@ -30,11 +30,10 @@ from gradpen._checks import (
     check_critic,
     check_generator,
     check_number,
-    check_pair,
     check_scaler,
 )
 from gradpen._compat import eager_below_compile_region
-from gradpen._guards import NO_CONTEXT
+from gradpen._guards import NO_CONTEXT, grad_enabled
 
 Inputs = Tensor | Sequence[Tensor]
 Critic = Callable[..., Tensor]
@@ -83,7 +82,7 @@ def _grad_mode(create_graph: bool) -> contextlib.AbstractContextManager[None]:
             "can never be part of a graph. Compute the penalty outside inference_mode, or, to log the norms "
             "only, call gradpen.gradient_norms(..., create_graph=False), which works there."
         )
-    return NO_CONTEXT if torch.is_grad_enabled() else torch.enable_grad()
+    return grad_enabled()
 
 
 # Plain float32 norms inside this range lost nothing to overflow or underflow: their squares' sum is far
@@ -246,8 +245,7 @@ def interpolate(
         >>> x_hat[:, 0, 0, 0]
         tensor([0.0000, 0.2500, 0.5000, 1.0000])
     """
-    reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
-    check_pair(reals, fakes)
+    reals, fakes = as_pair(real, fake)
     return _pack(_interpolate(reals, fakes, alpha, generator), real)
 
 
@@ -660,8 +658,7 @@ def wgan_div_penalty(
         >>> round(div.item(), 4)  # k/2 (8 + 8) with k = 2
         16.0
     """
-    reals, fakes = as_inputs(real, "real"), as_inputs(fake, "fake")
-    check_pair(reals, fakes)
+    reals, fakes = as_pair(real, fake)
     k = check_number(k, "k", low=0.0, strict=True)
     p = check_number(p, "p", low=1.0)
     _check_options(reduction, return_norms)
