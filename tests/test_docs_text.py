@@ -80,3 +80,12 @@ def test_page_speaks_of_the_library(path):
     """No tracker issue numbers, testers, commits, project machines, other jobs or code history on the page."""
     found = offences(path.read_text())
     assert not found, f"{path.relative_to(ROOT)}:\n" + "\n".join(found)
+
+
+def test_readme_benchmark_table_is_the_results_file():
+    """The README quotes ``benchmarks/results_cpu.md`` (the Benchmarks page includes it): its provenance
+    lines and its rows, unchanged, so a re-run that updates the file cannot leave the README behind."""
+    results = ROOT.joinpath("benchmarks", "results_cpu.md").read_text().strip()
+    readme = ROOT.joinpath("README.md").read_text()
+    assert results.splitlines()[0].startswith("Measured on")
+    assert results in readme, "README.md's Benchmarks table differs from benchmarks/results_cpu.md"
