@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gradpen._args import CriticCall
 from gradpen._checks import _type_name, check_bool, check_choice, check_critic_output, check_number
@@ -62,14 +62,12 @@ from gradpen._guards import (
     check_distributed_fd,
     check_exact_critic,
     check_graph,
-    critic_key,
     func_limits,
     grad_enabled,
     graph_checked,
     kinked_modules,
     math_attention,
     probe_graph,
-    uncompiled,
 )
 from gradpen._probes import KINK_TOL, batch_coupled, batch_coupled_by_forward, kink_ratio
 
@@ -81,9 +79,10 @@ COUPLED = (
 )
 
 
-def _under_compile(critic: Any) -> bool:
-    """Inside a torch.compile region, or a critic made by ``torch.compile(module)``."""
-    return torch.compiler.is_compiling() or (isinstance(critic, nn.Module) and uncompiled(critic) is not critic)
+def _under_compile(scan: Scan) -> bool:
+    """Inside a torch.compile region, or a critic made by ``torch.compile(module)`` (the critic ``scan``
+    was made for)."""
+    return torch.compiler.is_compiling() or scan.compiled
 
 
 def _batchnorm_message(coupled: list[str], what: str) -> str:
@@ -105,8 +104,9 @@ def warn_if_coupled(
 ) -> None:
     """The autograd backend (and gradient_norms_from with a critic): warn about batch coupling, by type
     (BatchNorm) or by behaviour (:func:`gradpen._probes.batch_coupled`, on the graph of ``out``)."""
-    coupled = batch_coupled_modules(critic, scan)
-    if coupled:
+    scan = scan or Scan(critic)
+    if scan.batchnorm:
+        coupled = batch_coupled_modules(critic, scan)
         warnings.warn(
             f"The critic has BatchNorm in training mode ({', '.join(coupled[:3])}), which couples the "
             "samples of a batch: each sample's input gradient then depends on the others and the "
@@ -168,13 +168,13 @@ def autograd_grads(
     Warns:
         UserWarning: if the critic couples the samples of a batch (BatchNorm, or found by behaviour).
     """
-    if _under_compile(critic):
-        return func_grads(critic, inputs, call, seed, create_graph)
     scan = Scan(critic)
+    if _under_compile(scan):
+        return func_grads(critic, inputs, call, seed, create_graph)
     check_exact_critic(critic, scan)
     n = inputs[0].shape[0]
-    key = critic_key(critic)[0]  # once, for the three cached checks
-    leaves = tuple(x.detach().requires_grad_(True) for x in inputs)
+    key = scan.key  # once, for the three cached checks
+    leaves = (inputs[0].detach().requires_grad_(True),) if len(inputs) == 1 else _leaves(inputs)
     with grad_enabled():
         with attention_context(critic, key):
             out = check_critic_output(call(critic, *leaves), n)
@@ -185,6 +185,11 @@ def autograd_grads(
     if check:
         check_graph(critic, out, leaves, grads, watch)
     return grads
+
+
+def _leaves(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The points as new leaves that require grad (never the caller's tensors)."""
+    return tuple(x.detach().requires_grad_(True) for x in inputs)
 
 
 def input_grads(
@@ -198,6 +203,8 @@ def input_grads(
     grads = torch.autograd.grad(
         out, inputs, grad_out, create_graph=create_graph, retain_graph=retain_graph or create_graph, allow_unused=True
     )
+    if len(grads) == 1 and grads[0] is not None:  # the common case, without the loop
+        return grads
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True))
 
 
@@ -225,7 +232,7 @@ def func_grads(
     scan = Scan(critic)
     check_exact_critic(critic, scan)
     inputs = tuple(x.detach() for x in inputs)
-    if not _under_compile(critic):
+    if not _under_compile(scan):
         with _row_hint(call):
             refuse_if_coupled(critic, lambda: batch_coupled_by_forward(critic, inputs, call), "func", scan)
     elif scan.batchnorm:
@@ -246,7 +253,7 @@ def func_grads(
         per_sample = torch.func.vmap(torch.func.grad(one_sample), randomness="different")
         args = (inputs, rows)
     with _row_hint(call):
-        if create_graph and not _under_compile(critic):
+        if create_graph and not _under_compile(scan):
             probe_graph(critic, inputs, call)
         with torch.enable_grad() if create_graph else torch.no_grad(), math_attention(), func_limits():
             grads = per_sample(*args)
@@ -420,7 +427,7 @@ def _first_order(
     critic: Callable[..., Tensor], inputs: tuple[Tensor, ...], call: CriticCall, seed: Tensor | None
 ) -> tuple[Tensor, ...]:
     """The plain input gradient, no graph kept (``create_graph=False``: logging), on the default kernels."""
-    leaves = tuple(x.detach().requires_grad_(True) for x in inputs)
+    leaves = _leaves(inputs)
     with torch.enable_grad():
         out = check_critic_output(call(critic, *leaves), inputs[0].shape[0])
         return input_grads(out, leaves, seed, create_graph=False)
@@ -505,7 +512,7 @@ def fd_grads(
     check_fd_critic(critic, inputs, call, fd)
     n = inputs[0].shape[0]
     replay = Replay(critic, inputs[0].device)
-    leaves = tuple(x.detach().requires_grad_(True) for x in inputs)
+    leaves = _leaves(inputs)
     base = fd.scheme == "forward"
     with torch.enable_grad():
         out = check_critic_output(call(critic, *leaves), n)

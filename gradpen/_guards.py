@@ -150,6 +150,9 @@ def critic_key(critic: Any) -> tuple[tuple[Any, ...], list[Any]]:
     return tuple(key), anchors
 
 
+_MISSING = object()
+
+
 class CriticCache:
     """Results of a once-per-critic check, by :func:`critic_key`. An entry is dropped when one of the
     objects of its key is garbage-collected, so a reused id never inherits another critic's result."""
@@ -157,22 +160,19 @@ class CriticCache:
     def __init__(self) -> None:
         self._values: dict[tuple[Any, ...], Any] = {}
 
-    @staticmethod
-    def _key(critic: Any, key: tuple[Any, ...] | None) -> tuple[Any, ...]:
-        """``key`` where the caller has it already (one computation for the several cached checks of a
-        call), else ``critic_key(critic)[0]``."""
-        return critic_key(critic)[0] if key is None else key
+    # Each method takes the critic's ``key`` where the caller has it already (one computation for the
+    # several cached checks of a call), else computes ``critic_key(critic)[0]``.
 
     def get(self, critic: Any, default: Any = None, key: tuple[Any, ...] | None = None) -> Any:
-        return self._values.get(self._key(critic, key), default)
+        return self._values.get(critic_key(critic)[0] if key is None else key, default)
 
     def lookup(self, critic: Any, key: tuple[Any, ...] | None = None) -> tuple[bool, Any]:
         """(whether the critic has an entry, its value), with one key computation."""
-        key = self._key(critic, key)
-        return (True, self._values[key]) if key in self._values else (False, None)
+        value = self._values.get(critic_key(critic)[0] if key is None else key, _MISSING)
+        return (False, None) if value is _MISSING else (True, value)
 
     def has(self, critic: Any, key: tuple[Any, ...] | None = None) -> bool:
-        return self._key(critic, key) in self._values
+        return (critic_key(critic)[0] if key is None else key) in self._values
 
     def __contains__(self, critic: Any) -> bool:
         return self.has(critic)
@@ -234,16 +234,27 @@ def _wrapper_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
 class Scan:
     """What the module guards look for behind a critic, found in one walk over its modules: FSDP and
     static-graph DDP wrappers, BatchNorm layers with batch statistics, and kinked layers, each as
-    ``(root, module)``; :meth:`name` names one for a message."""
+    ``(root, module)``; :meth:`name` names one for a message. :attr:`key` is the critic's
+    :func:`critic_key`, for the cached checks of the same call."""
 
-    __slots__ = ("batchnorm", "fsdp", "kinked", "static_ddp")
+    __slots__ = ("_critic", "_key", "batchnorm", "compiled", "fsdp", "kinked", "static_ddp")
 
     def __init__(self, critic: Any) -> None:
         self.fsdp: list[tuple[nn.Module, nn.Module]] = []
         self.static_ddp: list[tuple[nn.Module, nn.Module]] = []
         self.batchnorm: list[tuple[nn.Module, nn.Module]] = []
         self.kinked: list[tuple[nn.Module, nn.Module]] = []
-        for root in critic_modules(critic):
+        self._critic = critic
+        if isinstance(critic, nn.Module):  # the common case: the module and its key in one look-up
+            m = uncompiled(critic)
+            roots = [m]
+            self.compiled = m is not critic  # made by torch.compile(module)
+            self._key: tuple[Any, ...] | None = ((id(m), type(m), m.training),)
+        else:
+            roots = critic_modules(critic)
+            self.compiled = False
+            self._key = None
+        for root in roots:
             # The walk of Module.modules() without its names and generators (this runs on every call):
             # each module once, each class classified once (_kinds).
             seen: set[int] = set()
@@ -274,6 +285,13 @@ class Scan:
             self.fsdp.append((root, m))
         elif kind == "ddp" and m.static_graph:
             self.static_ddp.append((root, m))
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """``critic_key(critic)[0]``, as it was when the modules were walked (training modes included)."""
+        if self._key is None:
+            self._key = critic_key(self._critic)[0]
+        return self._key
 
     @staticmethod
     def name(root: nn.Module, m: nn.Module) -> str:

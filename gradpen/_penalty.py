@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,6 +89,7 @@ def _grad_mode(create_graph: bool) -> contextlib.AbstractContextManager[None]:
 # Plain float32 norms inside this range lost nothing to overflow or underflow: their squares' sum is far
 # from float32's largest value (3.4e38), and elements that matter have squares above its smallest normal.
 _SAFE = (1e-15, 1e18)
+_WIDE = (torch.float32, torch.float64)  # the dtypes a norm is computed in as they are
 
 
 def _norm(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -120,7 +122,7 @@ def _grad_norms(grads: tuple[Tensor, ...], seed: Tensor | None) -> Tensor:
     wider (the widest of the gradients' dtypes), with the seed divided out."""
     if len(grads) == 1:
         g = grads[0]
-        dtype = torch.promote_types(g.dtype, torch.float32)
+        dtype = g.dtype if g.dtype in _WIDE else torch.promote_types(g.dtype, torch.float32)
         norms = _norm(g.reshape(g.shape[0], -1), dtype)
     else:
         dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
@@ -141,21 +143,21 @@ def _norms_at(
     """Per-sample L2 norm of the critic's input gradient at ``inputs``: shape ``(N,)``.
 
     The norm is over all non-batch dimensions of every input together, computed in float32 or
-    wider (float64 stays float64); see :func:`_grad_norms`.
+    wider (float64 stays float64); see :func:`_grad_norms`. With ``create_graph``, the caller runs
+    this under :func:`_grad_mode`.
     """
     check_critic(critic)
     grads_of = resolve_backend(backend)
     n = inputs[0].shape[0]
     call = resolve_critic_args(critic_args, critic_kwargs, n)
-    seed = _seed(scaler, n, inputs[0])
+    seed = None if scaler is None else _seed(scaler, n, inputs[0])
     if not create_graph and _inference_mode():
         # Tensors made under inference_mode cannot be saved for backward: work on normal copies.
         with torch.inference_mode(False):
             inputs = tuple(x.clone() for x in inputs)
             call = call.with_rows(tuple(r.clone() for r in call.rows()))
             return _grad_norms(grads_of(critic, inputs, call, seed, False), seed)
-    with _grad_mode(create_graph):
-        return _grad_norms(grads_of(critic, inputs, call, seed, create_graph), seed)
+    return _grad_norms(grads_of(critic, inputs, call, seed, create_graph), seed)
 
 
 def _finish(per_sample: Tensor, norms: Tensor, reduction: str, return_norms: bool) -> Tensor | tuple[Tensor, Tensor]:
@@ -166,6 +168,24 @@ def _finish(per_sample: Tensor, norms: Tensor, reduction: str, return_norms: boo
 def _check_options(reduction: Any, return_norms: Any) -> None:
     check_choice(reduction, "reduction", REDUCTIONS)
     check_bool(return_norms, "return_norms")
+
+
+def _check_shape(center: Any, one_sided: Any, reduction: Any, return_norms: Any) -> float:
+    """``center`` (as a float), ``one_sided``, ``reduction`` and ``return_norms`` of a penalty; values of
+    the right types and ranges (the defaults among them) take one test."""
+    if (
+        type(center) is float
+        and 0.0 <= center < math.inf  # False for NaN
+        and type(one_sided) is bool
+        and type(reduction) is str
+        and reduction in REDUCTIONS
+        and type(return_norms) is bool
+    ):
+        return center
+    center = check_number(center, "center", low=0.0)
+    check_bool(one_sided, "one_sided")
+    _check_options(reduction, return_norms)
+    return center
 
 
 def _two_sided_or_not(norms: Tensor, center: float, one_sided: bool) -> Tensor:
@@ -180,8 +200,9 @@ def _pack(xs: tuple[Tensor, ...], like: Inputs) -> Inputs:
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
     """U[0, 1) on ``like``'s device and dtype. ``generator=None`` is not passed on: under torch.compile
     with dynamic shapes, ``torch.rand(..., generator=None)`` fails to trace."""
-    extra = {} if generator is None else {"generator": generator}
-    return torch.rand(shape, device=like.device, dtype=like.dtype, **extra)
+    if generator is None:
+        return torch.rand(shape, device=like.device, dtype=like.dtype)
+    return torch.rand(shape, device=like.device, dtype=like.dtype, generator=generator)
 
 
 def _interpolate(
@@ -190,18 +211,20 @@ def _interpolate(
     first = reals[0]
     if generator is not None:
         check_generator(generator, first)
+    if len(reals) == 1:  # the common case, with no op that does nothing (each costs a dispatch)
+        r, f = first, fakes[0]
+        shape = (r.shape[0],) + (1,) * (r.ndim - 1)
+        # Drawn in this shape: the same numbers as (N,) and a view, one op fewer.
+        a = _rand(shape, generator, r) if alpha is None else check_alpha(alpha, r).to(r.dtype).view(shape)
+        r, f = (r.detach() if r.requires_grad else r), (f.detach() if f.requires_grad else f)
+        # lerp(f, r, a) = f + a (r - f); exact at a = 0 (fake) and a = 1 (real).
+        return (torch.lerp(f, r, a),)
     if alpha is None:
         # Drawn in the widest of the inputs' dtypes, then rounded per input: one alpha for all inputs.
-        widest = first.dtype if len(reals) == 1 else functools.reduce(torch.promote_types, (r.dtype for r in reals))
+        widest = functools.reduce(torch.promote_types, (r.dtype for r in reals))
         alpha = _rand((first.shape[0],), generator, first.to(widest) if first.dtype != widest else first)
     else:
         alpha = check_alpha(alpha, first)
-    if len(reals) == 1:  # the common case, with no op that does nothing (each costs a dispatch)
-        r, f = first, fakes[0]
-        r, f = (r.detach() if r.requires_grad else r), (f.detach() if f.requires_grad else f)
-        a = alpha if alpha.dtype == r.dtype else alpha.to(r.dtype)
-        return (torch.lerp(f, r, a.view(-1, *([1] * (r.ndim - 1)))),)
-    # lerp(f, r, a) = f + a (r - f); exact at a = 0 (fake) and a = 1 (real).
     return tuple(
         torch.lerp(f.detach(), r.detach(), alpha.to(r.dtype).view(-1, *([1] * (r.ndim - 1))))
         for r, f in zip(reals, fakes, strict=True)
@@ -316,7 +339,9 @@ def gradient_norms(
         tensor([5., 5., 5., 5., 5.])
     """
     xs = as_inputs(inputs, "inputs")
-    return _norms_at(critic, xs, backend, critic_args, critic_kwargs, scaler, check_bool(create_graph, "create_graph"))
+    create_graph = check_bool(create_graph, "create_graph")
+    with _grad_mode(create_graph):
+        return _norms_at(critic, xs, backend, critic_args, critic_kwargs, scaler, create_graph)
 
 
 @eager_below_compile_region
@@ -423,9 +448,7 @@ def gradient_penalty(
         True
     """
     reals, fakes = as_pair(real, fake)
-    center = check_number(center, "center", low=0.0)
-    check_bool(one_sided, "one_sided")
-    _check_options(reduction, return_norms)
+    center = _check_shape(center, one_sided, reduction, return_norms)
     x_hat = _interpolate(reals, fakes, alpha, generator)
     with _grad_mode(True):
         norms = _norms_at(critic, x_hat, backend, critic_args, critic_kwargs, scaler, True)
@@ -592,10 +615,8 @@ def dragan_penalty(
         0.0
     """
     xs = as_inputs(real, "real")
-    center = check_number(center, "center", low=0.0)
-    check_bool(one_sided, "one_sided")
+    center = _check_shape(center, one_sided, reduction, return_norms)
     noise_scale = check_number(noise_scale, "noise_scale", low=0.0, strict=True)
-    _check_options(reduction, return_norms)
     check_generator(generator, xs[0])
     perturbed = tuple(x + noise_scale * x.std(correction=0) * _rand(x.shape, generator, x) for x in xs)
     x_hat = _interpolate(xs, perturbed, None, generator)
