@@ -54,10 +54,12 @@ from gradpen._checks import _type_name, check_bool, check_choice, check_critic_o
 from gradpen._compat import autocast_dtype
 from gradpen._forwards import Replay, can_fuse
 from gradpen._guards import (
+    CriticCache,
     FunctionWatch,
     Scan,
     UnsupportedCriticError,
     attention_context,
+    attention_free,
     batch_coupled_modules,
     check_distributed_fd,
     check_exact_critic,
@@ -69,7 +71,7 @@ from gradpen._guards import (
     math_attention,
     probe_graph,
 )
-from gradpen._probes import KINK_TOL, batch_coupled, batch_coupled_by_forward, kink_ratio
+from gradpen._probes import KINK_TOL, batch_coupled, batch_coupled_by_forward, kink_ratio, known_uncoupled
 
 Backend = Callable[..., tuple[Tensor, ...]]
 
@@ -173,8 +175,13 @@ def autograd_grads(
         return func_grads(critic, inputs, call, seed, create_graph)
     check_exact_critic(critic, scan)
     n = inputs[0].shape[0]
-    key = scan.key  # once, for the three cached checks
+    key = scan.key  # once, for the cached checks
     leaves = (inputs[0].detach().requires_grad_(True),) if len(inputs) == 1 else _leaves(inputs)
+    if create_graph and not scan.batchnorm and _settled.has(critic, key):
+        # Later calls of a critic whose once-per-critic checks all passed with nothing to redo: its graph
+        # was checked, it has no attention on the input path and does not couple samples. (The caller
+        # has grad mode on, as for every create_graph call.)
+        return input_grads(check_critic_output(call(critic, *leaves), n), leaves, seed, True)
     with grad_enabled():
         with attention_context(critic, key):
             out = check_critic_output(call(critic, *leaves), n)
@@ -184,7 +191,13 @@ def autograd_grads(
         grads = input_grads(out, leaves, seed, create_graph)
     if check:
         check_graph(critic, out, leaves, grads, watch)
+    if create_graph and graph_checked(critic, key) and attention_free(critic, key) and known_uncoupled(critic, key):
+        _settled.set(critic)
     return grads
+
+
+# Critics (by critic_key) for which the autograd backend's later calls skip the cached checks.
+_settled = CriticCache()
 
 
 def _leaves(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -255,22 +255,8 @@ class Scan:
             self.compiled = False
             self._key = None
         for root in roots:
-            # The walk of Module.modules() without its names and generators (this runs on every call):
-            # each module once, each class classified once (_kinds).
-            seen: set[int] = set()
-            todo = [root]
-            while todo:
-                m = todo.pop()
-                if id(m) in seen:
-                    continue
-                seen.add(id(m))
-                kinds = _KINDS.get(type(m))
-                if kinds is None:
-                    kinds = _kinds(type(m))
-                for kind in kinds:
-                    self._add(kind, root, m)
-                if m._modules:
-                    todo.extend(c for c in reversed(m._modules.values()) if c is not None)
+            for kind, m in _found(root):
+                self._add(kind, root, m)
 
     def _add(self, kind: str, root: nn.Module, m: nn.Module) -> None:
         if kind == "batchnorm":
@@ -297,6 +283,65 @@ class Scan:
     def name(root: nn.Module, m: nn.Module) -> str:
         """``m``'s path in ``root`` (``""`` for the root itself)."""
         return next((n for n, x in root.named_modules() if x is m), "")
+
+
+def _walk(root: nn.Module, record: bool) -> tuple[list[tuple[str, nn.Module]], list[Any]]:
+    """The modules under ``root`` that a guard looks at, as ``(kind, module)``, in the order of
+    ``Module.modules()``, without its names and generators: each module once, each class classified once
+    (:func:`_kinds`). With ``record``, also the tree as walked: for every module a weak reference, its
+    class and the ids of its children."""
+    found: list[tuple[str, nn.Module]] = []
+    tree: list[Any] = []
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        kinds = _KINDS.get(type(m))
+        if kinds is None:
+            kinds = _kinds(type(m))
+        for kind in kinds:
+            found.append((kind, m))
+        children = m._modules.values()
+        if record:
+            tree.append((weakref.ref(m), type(m), tuple(map(id, children))))
+        if children:
+            todo.extend(c for c in reversed(children) if c is not None)
+    return found, tree
+
+
+# The last walk under each root module (by id; dropped when the root is collected): its tree (see _walk)
+# and what it found, by weak reference. Nothing here keeps a module alive.
+_TREES: dict[int, tuple[list[Any], list[tuple[str, Any]]]] = {}
+
+
+def _found(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """:func:`_walk`'s findings under ``root``, walked again only when the tree changed.
+
+    The last walk is reused while every module it met is alive, of the same class, with the same
+    children in the same order: the walk would then meet the same modules, so it finds the same ones
+    (what a guard reads off a found module, such as its training mode, is read at each call). A
+    child that was replaced is either alive (so its id is not reused) or dead (so its reference is).
+    Under torch.compile the walk runs every time (dynamo would trace the weak references).
+    """
+    if torch.compiler.is_compiling():
+        return _walk(root, False)[0]
+    last = _TREES.get(id(root))
+    same_root = last is not None and last[0][0][0]() is root
+    if same_root:
+        for ref, cls, children in last[0]:
+            m = ref()
+            if m is None or type(m) is not cls or tuple(map(id, m._modules.values())) != children:
+                break
+        else:
+            return [(kind, ref()) for kind, ref in last[1]]
+    found, tree = _walk(root, True)
+    if not same_root:
+        weakref.finalize(root, _TREES.pop, id(root), None)
+    _TREES[id(root)] = (tree, [(kind, weakref.ref(m)) for kind, m in found])
+    return found
 
 
 # What Scan looks for, by class (a module wrapped by fully_shard can be a BatchNorm and FSDP at once).
@@ -607,9 +652,14 @@ def graph_checked(critic: Any, key: tuple[Any, ...] | None = None) -> bool:
 def attention_context(critic: Any, key: tuple[Any, ...] | None = None) -> contextlib.AbstractContextManager[Any]:
     """:func:`math_attention` around a forward that will be differentiated twice; skipped (it costs a few
     µs) for a critic whose checked graph had no softmax on its input path, so no attention."""
-    if not torch.compiler.is_compiling() and _attention.get(critic, key=key) is False:
+    if not torch.compiler.is_compiling() and attention_free(critic, key):
         return NO_CONTEXT
     return math_attention()
+
+
+def attention_free(critic: Any, key: tuple[Any, ...] | None = None) -> bool:
+    """The critic's checked graph had no softmax on its input path (``False`` where not checked yet)."""
+    return _attention.get(critic, key=key) is False
 
 
 def _has_softmax(path: list[Any]) -> bool:

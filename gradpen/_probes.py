@@ -89,6 +89,11 @@ def batch_coupled(critic: Any, out: Tensor, leaves: tuple[Tensor, ...], key: tup
     return bool(_cached(_coupling, critic, lambda: coupled_in_graph(out, leaves), key))
 
 
+def known_uncoupled(critic: Any, key: tuple[Any, ...] | None = None) -> bool:
+    """:func:`batch_coupled` has run for this critic (by key) and found its samples independent."""
+    return _coupling.get(critic, key=key) is False
+
+
 def batch_coupled_by_forward(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall) -> bool:
     """:func:`batch_coupled` for a backend that has no batch forward of its own (func): one forward of
     the first (up to) four samples, from and back to the same RNG state and buffers."""

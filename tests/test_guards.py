@@ -3,6 +3,10 @@ error that says what to do instead; the check runs once per critic and leaves no
 
 from __future__ import annotations
 
+import gc
+import warnings
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -312,3 +316,102 @@ def test_once_differentiable_op_on_the_weights_only_is_accepted():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- the module tree changes between calls
+
+
+def _plain_critic():
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+def _bn():
+    return nn.BatchNorm1d(8).double()
+
+
+_KEPT = []  # replaced layers kept alive (a user may hold them), so that no weak reference of the walk dies
+
+_CHANGES = {
+    # Module.__setattr__, the same number of children
+    "setitem": lambda c: (_KEPT.append(c[1]), c.__setitem__(1, _bn())),
+    # Sequential.insert writes _modules directly
+    "insert": lambda c: c.insert(1, _bn()),
+    # a private write that replaces an entry in place
+    "modules-dict": lambda c: (_KEPT.append(c[1]), c._modules.__setitem__("1", _bn())),
+    # one level down
+    "nested": lambda c: (_KEPT.append(c[2]), c.__setitem__(2, nn.Sequential(_bn(), nn.Tanh()))),
+}
+
+
+@pytest.mark.parametrize("change", list(_CHANGES), ids=list(_CHANGES))
+def test_a_batchnorm_put_in_after_earlier_calls_is_seen(change):
+    """The module walk is reused between calls, but never past a change of the tree: a BatchNorm put into a
+    critic that has already been penalised (however it is put in) is warned about (autograd) and refused
+    (func) at the next call."""
+    critic = _plain_critic()
+    x = _x()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):  # the cached checks have all run, and the next call takes the short path
+            gradpen.r1_penalty(critic, x).backward()
+    _CHANGES[change](critic)
+    with pytest.warns(UserWarning, match=r"BatchNorm in training mode \(.*1"):
+        gradpen.r1_penalty(critic, x)
+    with pytest.raises(ValueError, match="BatchNorm in training mode"):
+        gradpen.r1_penalty(critic, x, backend="func")
+
+
+def test_a_batchnorm_switched_to_training_mode_alone_is_seen():
+    """A BatchNorm in eval mode is fine; switching that one layer (not the critic) to training mode is seen at
+    the next call: what the walk found is re-read on every call."""
+    critic = nn.Sequential(nn.Linear(3, 8), _bn().eval(), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = _x()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            gradpen.r1_penalty(critic, x)
+    critic[1].train()
+    with pytest.warns(UserWarning, match="BatchNorm in training mode"):
+        gradpen.r1_penalty(critic, x)
+
+
+def test_a_layer_whose_class_changes_is_seen():
+    """FSDP2's fully_shard changes a module's class in place; a critic one of whose layers became an FSDP
+    module after earlier calls is refused before its next forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    critic = _plain_critic()
+    x = _x()
+    gradpen.r1_penalty(critic, x)
+    critic[0].__class__ = type("FSDPLinear", (FSDPModule, nn.Linear), {})
+    with pytest.raises(UnsupportedCriticError, match=r"FSDP.*`0` \(FSDPLinear\)"):
+        gradpen.r1_penalty(critic, x)
+
+
+def test_the_module_walk_runs_again_only_when_the_tree_changes(monkeypatch):
+    """Calls on an unchanged critic reuse the walk; a change walks again, once."""
+    walks = []
+    real_walk = _guards._walk
+    monkeypatch.setattr(_guards, "_walk", lambda *a: walks.append(1) or real_walk(*a))
+    critic = _plain_critic()
+    for _ in range(4):
+        gradpen.r1_penalty(critic, _x())
+    assert len(walks) == 1
+    critic[1] = nn.Softplus()
+    for _ in range(4):
+        gradpen.r1_penalty(critic, _x())
+    assert len(walks) == 2
+
+
+def test_the_module_walk_keeps_no_critic_alive():
+    """What the walk remembers holds no module: a critic (with a BatchNorm, which the walk finds) is collected
+    once the user drops it, and its entry goes with it."""
+    critic = nn.Sequential(nn.Linear(3, 8), _bn().eval(), nn.Tanh(), nn.Linear(8, 1)).double()
+    gradpen.r1_penalty(critic, _x()).backward()
+    gradpen.gradient_penalty(critic, _x(), _x(), backend="func").backward()
+    alive, key = weakref.ref(critic), id(critic)
+    assert key in _guards._TREES
+    del critic
+    gc.collect()
+    assert alive() is None
+    assert key not in _guards._TREES
