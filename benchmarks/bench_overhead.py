@@ -12,9 +12,9 @@ that version has (names that do not exist there are skipped).
 
 Part 2 times one critic update (WGAN loss + 10 * penalty, backward, Adam step) with
 gradpen.gradient_penalty (autograd and func backends) against the hand-written recipe
-(PyTorch-GAN's compute_gradient_penalty), on the digits MLP at batch 64, the toy MLP 2-512x3-1 at batch
-256 and the trainer's DCGAN critic (dim 64, batch 64, 3x32x32). Interleaved, shuffled blocks; medians;
-ratios of medians (_timing.py). Nothing is asserted.
+(PyTorch-GAN's compute_gradient_penalty) and the same recipe on torch.func (``vmap(grad(...))``), on
+the digits MLP at batch 64, the toy MLP 2-512x3-1 at batch 256 and the trainer's DCGAN critic (dim 64,
+batch 64, 3x32x32). Interleaved, shuffled blocks; medians; ratios of medians (_timing.py). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -46,6 +46,16 @@ def recipe_gradient_penalty(critic, real, fake):
     interpolates = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     d = critic(interpolates)
     (grad,) = torch.autograd.grad(d, interpolates, torch.ones_like(d), create_graph=True, retain_graph=True)
+    return ((grad.view(grad.size(0), -1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def func_recipe_gradient_penalty(critic, real, fake):
+    """The same recipe with torch.func's per-sample gradient, ``vmap(grad(...))``, instead of autograd.grad:
+    what a hand-written func penalty costs, for gradpen's func backend to be compared with."""
+    alpha = torch.rand(real.size(0), *([1] * (real.ndim - 1)), device=real.device)
+    interpolates = alpha * real + (1 - alpha) * fake
+    one = lambda x: critic(x[None]).sum()
+    grad = torch.func.vmap(torch.func.grad(one), randomness="different")(interpolates)
     return ((grad.view(grad.size(0), -1).norm(2, dim=1) - 1) ** 2).mean()
 
 
@@ -90,6 +100,8 @@ def checks(calls: int) -> list[str]:
     if hasattr(_guards, "Scan"):
         scan = _guards.Scan(critic)
         found["module walk: one scan for all module guards"] = lambda: _guards.Scan(critic)
+        if hasattr(_guards, "_walk"):  # the scan reuses the last walk while the tree is unchanged
+            found["module walk itself (a new or changed tree)"] = lambda: _guards._walk(critic, True)
         found["module walk: FSDP / static DDP"] = lambda: _guards.check_exact_critic(critic, scan)
         found["module walk: BatchNorm"] = lambda: _guards.batch_coupled_modules(critic, scan)
         found["SDPA context for a critic without attention"] = lambda: _enter_exit(_guards.attention_context(critic))
@@ -99,6 +111,9 @@ def checks(calls: int) -> list[str]:
         from gradpen import _probes
 
         found["batch-coupling check, later calls"] = lambda: _probes.batch_coupled(critic, out, (x,))
+    if hasattr(_backends, "_settled"):
+        key = _guards.critic_key(critic)[0]
+        found["all cached checks passed (one look-up)"] = lambda: _backends._settled.has(critic, key)
     rows = [f"gradpen {gradpen.__version__} from {Path(gradpen.__file__).parent}", "",
             "| check | µs per call |", "|---|---:|"]  # fmt: skip
     for name, fn in found.items():
@@ -130,6 +145,7 @@ def steps(reps: int, warmup: int, quick: bool) -> list[str]:
         "recipe": lambda c, r, f: wgan(c, r, f) + LAMBDA * recipe_gradient_penalty(c, r, f),
         "autograd": lambda c, r, f: wgan(c, r, f) + LAMBDA * gradpen.gradient_penalty(c, r, f),
         "func": lambda c, r, f: wgan(c, r, f) + LAMBDA * gradpen.gradient_penalty(c, r, f, backend="func"),
+        "func recipe": lambda c, r, f: wgan(c, r, f) + LAMBDA * func_recipe_gradient_penalty(c, r, f),
     }
     rows = ["| critic | variant | ms / update | x recipe | x autograd |", "|---|---|---:|---:|---:|"]
     for label, critic, shape, batch in cases:

@@ -40,10 +40,9 @@ values and norms are exact, and only their dependence on the parameters is finit
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,11 +63,10 @@ from gradpen._guards import (
     check_distributed_fd,
     check_exact_critic,
     check_graph,
-    func_limits,
+    func_failure,
     grad_enabled,
     graph_checked,
     kinked_modules,
-    math_attention,
     probe_graph,
 )
 from gradpen._probes import KINK_TOL, batch_coupled, batch_coupled_by_forward, kink_ratio, known_uncoupled
@@ -244,12 +242,8 @@ def func_grads(
     """
     scan = Scan(critic)
     check_exact_critic(critic, scan)
-    inputs = tuple(x.detach() for x in inputs)
-    if not _under_compile(scan):
-        with _row_hint(call):
-            refuse_if_coupled(critic, lambda: batch_coupled_by_forward(critic, inputs, call), "func", scan)
-    elif scan.batchnorm:
-        raise ValueError(_batchnorm_message(batch_coupled_modules(critic, scan), "backend='func' cannot run"))
+    key, compiled = scan.key, _under_compile(scan)
+    inputs = (inputs[0].detach(),) if len(inputs) == 1 else tuple(x.detach() for x in inputs)
 
     def one_sample(xs: tuple[Tensor, ...], rows: tuple[Tensor, ...]) -> Tensor:
         out = call.with_rows(tuple(r[None] for r in rows))(critic, *(x[None] for x in xs))
@@ -265,35 +259,49 @@ def func_grads(
     else:
         per_sample = torch.func.vmap(torch.func.grad(one_sample), randomness="different")
         args = (inputs, rows)
-    with _row_hint(call):
-        if create_graph and not _under_compile(scan):
-            probe_graph(critic, inputs, call)
-        with torch.enable_grad() if create_graph else torch.no_grad(), math_attention(), func_limits():
-            grads = per_sample(*args)
+    try:
+        if not compiled:
+            refuse_if_coupled(critic, lambda: batch_coupled_by_forward(critic, inputs, call, key), "func", scan)
+        elif scan.batchnorm:
+            raise ValueError(_batchnorm_message(batch_coupled_modules(critic, scan), "backend='func' cannot run"))
+        if create_graph and not compiled:
+            probe_graph(critic, inputs, call, key)
+        with grad_enabled() if create_graph else torch.no_grad(), attention_context(critic, key):
+            try:
+                grads = per_sample(*args)
+            except RuntimeError as e:
+                unsupported = func_failure(e)
+                if unsupported is None:
+                    raise
+                raise unsupported from e
+    except (IndexError, RuntimeError, ValueError) as e:
+        hinted = _with_row_hint(e, call)
+        if hinted is None:
+            raise
+        raise hinted from e
     return (grads,) if isinstance(grads, Tensor) else grads
 
 
-@contextlib.contextmanager
-def _row_hint(call: CriticCall) -> Iterator[None]:
-    """func: a failure of the critic on one sample's rows says which tensors it was given per sample."""
-    try:
-        yield
-    except (IndexError, RuntimeError, ValueError) as e:
-        hint = []
-        if call.rows():
-            hint.append(
-                f"it gives it that sample's row of each per-sample tensor in critic_args/critic_kwargs "
-                f"({', '.join(call.row_names())}); a tensor the critic uses whole, such as an embedding table with "
-                "N rows by chance, must be passed as gradpen.shared(tensor)"
-            )
-        if call.sample_lists:
-            hint.append(
-                "a list or tuple of N non-tensor values (labels from a collate) is passed whole, not per "
-                "sample; pass it as a tensor with N rows"
-            )
-        if isinstance(e, UnsupportedCriticError) or not hint or torch.compiler.is_compiling() or "one sample" in str(e):
-            raise
-        raise type(e)(f"{e}\n(backend='func' calls the critic on one sample at a time: {'; '.join(hint)}.)") from e
+def _with_row_hint(e: Exception, call: CriticCall) -> Exception | None:
+    """func: a failure of the critic on one sample's rows, as an error of the same type that says which
+    tensors it was given per sample (``None`` where there is nothing to add)."""
+    if not (any(call.per_sample) or call.sample_lists):  # the common case: nothing per sample
+        return None
+    hint = []
+    if call.rows():
+        hint.append(
+            f"it gives it that sample's row of each per-sample tensor in critic_args/critic_kwargs "
+            f"({', '.join(call.row_names())}); a tensor the critic uses whole, such as an embedding table with "
+            "N rows by chance, must be passed as gradpen.shared(tensor)"
+        )
+    if call.sample_lists:
+        hint.append(
+            "a list or tuple of N non-tensor values (labels from a collate) is passed whole, not per "
+            "sample; pass it as a tensor with N rows"
+        )
+    if isinstance(e, UnsupportedCriticError) or torch.compiler.is_compiling() or "one sample" in str(e):
+        return None
+    return type(e)(f"{e}\n(backend='func' calls the critic on one sample at a time: {'; '.join(hint)}.)")
 
 
 def _one_sample_output(out: Any, n: int) -> None:

@@ -684,7 +684,7 @@ def check_graph(
         _graph_checked.set(critic)
 
 
-def probe_graph(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall) -> None:
+def probe_graph(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall, key: tuple[Any, ...] | None = None) -> None:
     """:func:`check_graph` for the func backend, whose transforms hide the ops: once per critic, one
     sample goes through a plain autograd double-backward graph. The critic's buffers and the RNG
     are restored afterwards, so the probe leaves no trace (BatchNorm statistics, dropout draws).
@@ -692,7 +692,7 @@ def probe_graph(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall) -> No
     Raises:
         UnsupportedCriticError: naming the op and the alternatives.
     """
-    if graph_checked(critic):
+    if graph_checked(critic, key):
         return
     buffers = [(b, b.detach().clone()) for m in critic_modules(critic) for b in m.buffers()]
     device = inputs[0].device
@@ -721,16 +721,13 @@ def probe_graph(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall) -> No
 _FUNC_LIMITS = ("vmap", "functorch transforms", "Batching rule", "torch.func")
 
 
-@contextlib.contextmanager
-def func_limits() -> Iterator[None]:
-    """Turn torch.func's failures to run an op of the critic into an :class:`UnsupportedCriticError`."""
-    try:
-        yield
-    except RuntimeError as e:
-        if isinstance(e, UnsupportedCriticError) or not any(s in str(e) for s in _FUNC_LIMITS):
-            raise
-        raise UnsupportedCriticError(
-            f"backend='func' cannot run this critic: torch.func.vmap/grad failed with '{str(e).splitlines()[0]}'. "
-            "Use backend='autograd' (exact as long as the samples of a batch do not interact); or, if the op "
-            f"also has no double backward, {INSTEAD[len('Instead: ') :]}."
-        ) from e
+def func_failure(e: RuntimeError) -> UnsupportedCriticError | None:
+    """torch.func's failure to run an op of the critic as an :class:`UnsupportedCriticError` (``None`` for
+    any other error, which is raised as it is)."""
+    if isinstance(e, UnsupportedCriticError) or not any(s in str(e) for s in _FUNC_LIMITS):
+        return None
+    return UnsupportedCriticError(
+        f"backend='func' cannot run this critic: torch.func.vmap/grad failed with '{str(e).splitlines()[0]}'. "
+        "Use backend='autograd' (exact as long as the samples of a batch do not interact); or, if the op "
+        f"also has no double backward, {INSTEAD[len('Instead: ') :]}."
+    )

@@ -94,11 +94,16 @@ def known_uncoupled(critic: Any, key: tuple[Any, ...] | None = None) -> bool:
     return _coupling.get(critic, key=key) is False
 
 
-def batch_coupled_by_forward(critic: Any, inputs: tuple[Tensor, ...], call: CriticCall) -> bool:
+def batch_coupled_by_forward(
+    critic: Any, inputs: tuple[Tensor, ...], call: CriticCall, key: tuple[Any, ...] | None = None
+) -> bool:
     """:func:`batch_coupled` for a backend that has no batch forward of its own (func): one forward of
     the first (up to) four samples, from and back to the same RNG state and buffers."""
-    if torch.compiler.is_compiling() or inputs[0].device.type == "meta" or critic in _coupling:
-        return bool(_coupling.get(critic, False))
+    if torch.compiler.is_compiling() or inputs[0].device.type == "meta":
+        return bool(_coupling.get(critic, False, key))
+    found, value = _coupling.lookup(critic, key)
+    if found:
+        return bool(value)
     m = min(inputs[0].shape[0], COUPLING_SAMPLES)
     if m < 2:
         return False
