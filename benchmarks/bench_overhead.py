@@ -131,12 +131,14 @@ def steps(reps: int, warmup: int, quick: bool) -> list[str]:
     toy = nn.Sequential(
         nn.Linear(2, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 1)
     )  # fmt: skip
+    # (label, critic, sample shape, batch, updates per block, repetitions as a multiple of reps): blocks of
+    # 0.1-1.7 s, and more repetitions of the shorter ones, which are most at the mercy of the machine.
     cases = [
-        ("digits MLP 64-256-256-1, batch 64", models.MLPCritic(64, 8, 1), (1, 8, 8), 64),
-        ("toy MLP 2-512x3-1, batch 256", toy, (2,), 256),
+        ("digits MLP 64-256-256-1, batch 64", models.MLPCritic(64, 8, 1), (1, 8, 8), 64, 32, 8),
+        ("toy MLP 2-512x3-1, batch 256", toy, (2,), 256, 8, 4),
     ]
     if not quick:
-        cases.append(("DCGAN critic dim 64, batch 64", models.DCGANCritic(64), (3, 32, 32), 64))
+        cases.append(("DCGAN critic dim 64, batch 64", models.DCGANCritic(64), (3, 32, 32), 64, 4, 1))
 
     def wgan(c, real, fake):
         return c(fake).mean() - c(real).mean()
@@ -148,11 +150,11 @@ def steps(reps: int, warmup: int, quick: bool) -> list[str]:
         "func recipe": lambda c, r, f: wgan(c, r, f) + LAMBDA * func_recipe_gradient_penalty(c, r, f),
     }
     rows = ["| critic | variant | ms / update | x recipe | x autograd |", "|---|---|---:|---:|---:|"]
-    for label, critic, shape, batch in cases:
+    for label, critic, shape, batch, block, times in cases:
         torch.manual_seed(0)
         data = (torch.randn(batch, *shape), torch.randn(batch, *shape))
         runs = {v: (copy.deepcopy(critic), fn) for v, fn in variants.items()}
-        med, _ = time_variants(runs, data, torch.device("cpu"), reps, warmup, block=4 if "DCGAN" in label else 32)
+        med, _ = time_variants(runs, data, torch.device("cpu"), reps * times, warmup, block=block)
         for v in variants:
             rows.append(f"| {label} | {v} | {med[v] * 1e3:.3f} | {med[v] / med['recipe']:.3f} "
                         f"| {med[v] / med['autograd']:.3f} |")  # fmt: skip
@@ -164,7 +166,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["checks", "steps", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="few reps, no DCGAN: checks that it runs")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions of the step part (default 15)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 15; 8x digits MLP, 4x toy MLP)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default=None, help="Markdown output (default: benchmarks/results_overhead_cpu.md)")
     args = p.parse_args(argv)
