@@ -70,14 +70,19 @@ def _rms(xs: tuple[Tensor, ...]) -> Tensor:
 def coupled_in_graph(out: Tensor, leaves: tuple[Tensor, ...]) -> bool | None:
     """Whether sample 0's score depends on another sample's inputs, read off the graph of a batch
     forward: one backward of sample 0's summed output (the graph is kept). Rows of a per-sample critic
-    get exact zeros (a matmul's backward multiplies zero rows); ``None`` for a batch of one sample or a
-    constant output."""
+    get exact zeros (a matmul's backward multiplies zero rows); ``None`` for a batch of one sample, a
+    constant output or non-finite gradients."""
     n = out.shape[0]
     if n < 2 or not out.requires_grad:
         return None
     first = out.reshape(n, -1)[0].sum()
     grads = torch.autograd.grad(first, leaves, retain_graph=True, allow_unused=True)
-    return any(g is not None and bool(g[1:].ne(0).any()) for g in grads)
+    others = [g[1:] for g in grads if g is not None]
+    if not all(bool(g.isfinite().all()) for g in others):
+        # A diverged critic (inf or NaN weights) turns the zeros into NaN (0 * inf): that says nothing
+        # about coupling, and must not stick to the critic. Unknown: probed again at the next call.
+        return None
+    return any(bool(g.ne(0).any()) for g in others)
 
 
 def batch_coupled(critic: Any, out: Tensor, leaves: tuple[Tensor, ...], key: tuple[Any, ...] | None = None) -> bool:

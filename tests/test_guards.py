@@ -415,3 +415,20 @@ def test_the_module_walk_keeps_no_critic_alive():
     gc.collect()
     assert alive() is None
     assert key not in _guards._TREES
+
+
+def test_a_critic_probed_while_diverged_is_not_taken_for_coupled():
+    """The coupling probe of a critic whose weights hold a NaN (a diverged step) sees NaN where a per-sample
+    critic has zeros; that is not coupling, and the critic is fine on both backends once its weights are."""
+    critic = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    saved = critic[0].weight.detach().clone()
+    with torch.no_grad():
+        critic[0].weight[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gradpen.r1_penalty(critic, _x()).isnan()
+        with torch.no_grad():
+            critic[0].weight.copy_(saved)
+        by_autograd = gradpen.gradient_norms(critic, _x(), create_graph=False)
+    assert by_autograd.isfinite().all()
+    gradpen.r1_penalty(critic, _x(), backend="func")  # not refused as coupled
