@@ -333,7 +333,10 @@ def _found(root: nn.Module) -> list[tuple[str, nn.Module]]:
     if same_root:
         for ref, cls, children in last[0]:
             m = ref()
-            if m is None or type(m) is not cls or tuple(map(id, m._modules.values())) != children:
+            if m is None or type(m) is not cls:
+                break
+            now = m._modules
+            if (now or children) and tuple(map(id, now.values())) != children:  # a leaf then and now: no tuple
                 break
         else:
             return [(kind, ref()) for kind, ref in last[1]]

@@ -90,6 +90,7 @@ def _grad_mode(create_graph: bool) -> contextlib.AbstractContextManager[None]:
 # from float32's largest value (3.4e38), and elements that matter have squares above its smallest normal.
 _SAFE = (1e-15, 1e18)
 _WIDE = (torch.float32, torch.float64)  # the dtypes a norm is computed in as they are
+_UNSCALED = (torch.float16, torch.float64)  # the dtypes whose squares cannot overflow the norm's sum
 
 
 def _norm(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -102,7 +103,7 @@ def _norm(x: Tensor, dtype: torch.dtype) -> Tensor:
     no device sync, the plain norm is kept when every row's lies in :data:`_SAFE` (one kernel instead
     of five). At a zero row the norm and its gradient are 0, never NaN (``vector_norm``'s subgradient).
     """
-    if x.dtype in (torch.float16, torch.float64) or x.shape[1] == 0:
+    if x.dtype in _UNSCALED or x.shape[1] == 0:
         return torch.linalg.vector_norm(x, dim=1, dtype=dtype)
     if x.dtype == dtype and x.is_cpu and not torch.compiler.is_compiling():
         plain = torch.linalg.vector_norm(x, dim=1)
