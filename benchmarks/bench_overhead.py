@@ -6,7 +6,9 @@
 Part 1 times each check of the per-call path on its own (median of many calls, in microseconds), on
 the digits MLP critic (64-256-256-1, LeakyReLU) at batch 64: the module walk (FSDP, static-graph DDP,
 BatchNorm), the look-ups of the once-per-critic checks (graph, batch coupling), the SDPA kernel
-context, critic_args resolution and the norm. Run it against another checkout of gradpen with
+context, critic_args resolution and the norm; then the whole call's forward half against the
+recipe's, interleaved (the checks together and in place, where each costs more than alone). Run it
+against another checkout of gradpen with
 ``PYTHONPATH=/path/to/checkout python benchmarks/bench_overhead.py --part checks``: the script uses what
 that version has (names that do not exist there are skipped).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import sys
 import time
@@ -122,6 +125,40 @@ def checks(calls: int) -> list[str]:
     return rows
 
 
+def whole_call(reps: int) -> list[str]:
+    """The penalty's forward half (no backward) on the digits MLP at batch 64, interleaved with the
+    recipe's: what a call costs beyond the recipe, all checks together and in place, where each costs
+    more than on its own (the critic's forward has evicted it from the caches)."""
+    torch.manual_seed(0)
+    critic = models.MLPCritic(64, 8, 1)
+    real, fake = torch.randn(64, 1, 8, 8), torch.randn(64, 1, 8, 8)
+    variants = {
+        "recipe": lambda: recipe_gradient_penalty(critic, real, fake),
+        "autograd": lambda: gradpen.gradient_penalty(critic, real, fake),
+        "func recipe": lambda: func_recipe_gradient_penalty(critic, real, fake),
+        "func": lambda: gradpen.gradient_penalty(critic, real, fake, backend="func"),
+    }
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    order = list(variants)
+    for rep in range(reps + 3):
+        random.Random(rep).shuffle(order)
+        for v in order:
+            t0 = time.perf_counter()
+            for _ in range(50):
+                variants[v]()
+            if rep >= 3:
+                times[v].append((time.perf_counter() - t0) / 50 * 1e6)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    return [
+        "| the whole call, forward half (µs) | per call | beyond its recipe |",
+        "|---|---:|---:|",
+        f"| recipe | {med['recipe']:.1f} | |",
+        f"| gradient_penalty, autograd | {med['autograd']:.1f} | {med['autograd'] - med['recipe']:.1f} |",
+        f"| recipe on torch.func | {med['func recipe']:.1f} | |",
+        f"| gradient_penalty, func | {med['func']:.1f} | {med['func'] - med['func recipe']:.1f} |",
+    ]
+
+
 def _enter_exit(cm):
     with cm:
         pass
@@ -180,6 +217,9 @@ def main(argv=None):
             f"{' (--quick, not representative)' if args.quick else ''}.", ""]  # fmt: skip
     if args.part in ("checks", "all"):
         text += [*checks(200 if args.quick else 5000), ""]
+        whole = whole_call(2 if args.quick else 60)
+        print("\n".join(whole), flush=True)
+        text += [*whole, ""]
     if args.part in ("steps", "all"):
         text += [*steps(reps, 1 if args.quick else 3, args.quick), ""]
     out = Path(args.out or Path(__file__).parent / "results_overhead_cpu.md")
