@@ -259,11 +259,11 @@ def func_grads(
     else:
         per_sample = torch.func.vmap(torch.func.grad(one_sample), randomness="different")
         args = (inputs, rows)
+    if compiled and scan.batchnorm:
+        raise ValueError(_batchnorm_message(batch_coupled_modules(critic, scan), "backend='func' cannot run"))
     try:
         if not compiled:
             refuse_if_coupled(critic, lambda: batch_coupled_by_forward(critic, inputs, call, key), "func", scan)
-        elif scan.batchnorm:
-            raise ValueError(_batchnorm_message(batch_coupled_modules(critic, scan), "backend='func' cannot run"))
         if create_graph and not compiled:
             probe_graph(critic, inputs, call, key)
         with grad_enabled() if create_graph else torch.no_grad(), attention_context(critic, key):

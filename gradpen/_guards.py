@@ -666,7 +666,9 @@ def attention_free(critic: Any, key: tuple[Any, ...] | None = None) -> bool:
 
 
 def _has_softmax(path: list[Any]) -> bool:
-    return any("oftmax" in node.name() for node in path)
+    """Attention on the input path: a softmax (SDPA's MATH kernel), or a fused SDPA kernel's node (a graph
+    made outside the MATH context, as gradient_norms_from checks), which must not read as no attention."""
+    return any("oftmax" in node.name() or "ScaledDotProduct" in node.name() for node in path)
 
 
 def check_graph(

@@ -78,11 +78,12 @@ def coupled_in_graph(out: Tensor, leaves: tuple[Tensor, ...]) -> bool | None:
     first = out.reshape(n, -1)[0].sum()
     grads = torch.autograd.grad(first, leaves, retain_graph=True, allow_unused=True)
     others = [g[1:] for g in grads if g is not None]
-    if not all(bool(g.isfinite().all()) for g in others):
-        # A diverged critic (inf or NaN weights) turns the zeros into NaN (0 * inf): that says nothing
-        # about coupling, and must not stick to the critic. Unknown: probed again at the next call.
-        return None
-    return any(bool(g.ne(0).any()) for g in others)
+    if any(bool((g.ne(0) & g.isfinite()).any()) for g in others):
+        return True
+    # A per-sample critic gives exact zeros, or NaN where its weights are inf or NaN (0 * inf, a diverged
+    # step): NaN alone says nothing about coupling and must not stick to the critic. Unknown then, and
+    # probed again at the next call.
+    return None if not all(bool(g.isfinite().all()) for g in others) else False
 
 
 def batch_coupled(critic: Any, out: Tensor, leaves: tuple[Tensor, ...], key: tuple[Any, ...] | None = None) -> bool:

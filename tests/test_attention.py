@@ -149,3 +149,16 @@ def test_a_critic_without_attention_skips_the_kernel_context_after_the_first_cal
     for _ in range(3):
         gradpen.gradient_penalty(critic, real, fake)
     assert seen == [False, True, True]  # MATH only (flash off) on the first, checked call
+
+
+def test_a_refused_fused_kernel_graph_does_not_mark_the_critic_attention_free():
+    """gradient_norms_from refuses a forward made on a fused kernel (no double backward); the kernel's node
+    counts as attention, so later penalties of the same critic still run it on MATH instead of being refused."""
+    torch.manual_seed(0)
+    critic = SDPACritic()  # float32: the CPU's fused kernel is the default choice
+    x = torch.randn(N, L, E, requires_grad=True)
+    with pytest.raises(gradpen.UnsupportedCriticError, match="double"):
+        gradpen.gradient_norms_from(critic(x), x, critic=critic)
+    real, fake, alpha = (t.float() for t in _data())
+    gradpen.gradient_penalty(critic, real, fake, alpha=alpha).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in critic.qkv.parameters())

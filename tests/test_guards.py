@@ -378,7 +378,12 @@ def test_a_batchnorm_switched_to_training_mode_alone_is_seen():
 def test_a_layer_whose_class_changes_is_seen():
     """FSDP2's fully_shard changes a module's class in place; a critic one of whose layers became an FSDP
     module after earlier calls is refused before its next forward."""
-    from torch.distributed.fsdp import FSDPModule
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch<2.6: FSDP2 lives in torch.distributed._composable.fsdp, its class named FSDP before 2.4
+        import torch.distributed._composable.fsdp as composable
+
+        FSDPModule = getattr(composable, "FSDPModule", None) or composable.FSDP
 
     critic = _plain_critic()
     x = _x()
