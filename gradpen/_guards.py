@@ -105,7 +105,8 @@ def uncompiled(m: nn.Module) -> nn.Module:
     """The module that ``torch.compile(m)`` wraps (its ``_orig_mod`` submodule), else ``m``: a dictionary
     look-up, where ``getattr(m, "_orig_mod", m)`` raises and catches an AttributeError (3 µs)."""
     modules = m.__dict__.get("_modules")  # absent in a module whose __init__ did not run nn.Module's
-    inner = modules.get("_orig_mod") if modules else None
+    # A dict, except in a torch.jit.script module (an OrderedModuleDict, which has no .get).
+    inner = modules.get("_orig_mod") if isinstance(modules, dict) and modules else None
     return m if inner is None else inner
 
 

@@ -437,3 +437,22 @@ def test_a_critic_probed_while_diverged_is_not_taken_for_coupled():
         by_autograd = gradpen.gradient_norms(critic, _x(), create_graph=False)
     assert by_autograd.isfinite().all()
     gradpen.r1_penalty(critic, _x(), backend="func")  # not refused as coupled
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_a_scripted_critic_runs_and_its_batchnorm_is_caught_by_behaviour():
+    """A torch.jit.script critic (whose module dictionary is not a dict) gives the plain module's penalty on
+    every backend; its BatchNorm, a script module the class-based scan cannot name, is caught by behaviour."""
+    torch.manual_seed(0)
+    net = _plain_critic()
+    scripted = torch.jit.script(net)
+    x = _x()
+    for backend in ("autograd", "func", "fd"):
+        torch.testing.assert_close(
+            gradpen.r1_penalty(scripted, x, backend=backend), gradpen.r1_penalty(net, x, backend=backend)
+        )
+    with_bn = torch.jit.script(nn.Sequential(nn.Linear(3, 8), _bn(), nn.Tanh(), nn.Linear(8, 1)).double())
+    with pytest.warns(UserWarning, match="couples the samples"):
+        gradpen.r1_penalty(with_bn, x)
+    with pytest.raises(ValueError, match="couples the samples"):
+        gradpen.r1_penalty(with_bn, x, backend="func")
