@@ -174,7 +174,7 @@ def autograd_grads(
     check_exact_critic(critic, scan)
     n = inputs[0].shape[0]
     key = scan.key  # once, for the cached checks
-    leaves = (inputs[0].detach().requires_grad_(True),) if len(inputs) == 1 else _leaves(inputs)
+    leaves = _leaves(inputs)
     if create_graph and not scan.batchnorm and _settled.has(critic, key):
         # Later calls of a critic whose once-per-critic checks all passed with nothing to redo: its graph
         # was checked, it has no attention on the input path and does not couple samples. (The caller
@@ -200,6 +200,8 @@ _settled = CriticCache()
 
 def _leaves(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """The points as new leaves that require grad (never the caller's tensors)."""
+    if len(inputs) == 1:  # the common case, without the generator
+        return (inputs[0].detach().requires_grad_(True),)
     return tuple(x.detach().requires_grad_(True) for x in inputs)
 
 

@@ -120,6 +120,11 @@ def critic_modules(critic: Any) -> list[nn.Module]:
     return [p for p in _parts(critic) if isinstance(p, nn.Module)]
 
 
+def _module_key(m: nn.Module) -> tuple[Any, ...]:
+    """A module's part of a critic key: its identity, class and training mode."""
+    return (id(m), type(m), m.training)
+
+
 def critic_key(critic: Any) -> tuple[tuple[Any, ...], list[Any]]:
     """What a once-per-critic check depends on: the code that runs and the modules it runs with.
 
@@ -130,13 +135,13 @@ def critic_key(critic: Any) -> tuple[tuple[Any, ...], list[Any]]:
     """
     if isinstance(critic, nn.Module):  # the common case, without the search
         m = uncompiled(critic)
-        return ((id(m), type(m), m.training),), [m]
+        return (_module_key(m),), [m]
     key: list[Any] = []
     anchors: list[Any] = []
     for part in _parts(critic):
         if isinstance(part, nn.Module):
             part = uncompiled(part)
-            key.append((id(part), type(part), part.training))
+            key.append(_module_key(part))
             anchors.append(part)
         elif isinstance(part, types.FunctionType):
             key.append(id(part.__code__))
@@ -250,7 +255,7 @@ class Scan:
             m = uncompiled(critic)
             roots = [m]
             self.compiled = m is not critic  # made by torch.compile(module)
-            self._key: tuple[Any, ...] | None = ((id(m), type(m), m.training),)
+            self._key: tuple[Any, ...] | None = (_module_key(m),)  # critic_key(critic)[0], without its search
         else:
             roots = critic_modules(critic)
             self.compiled = False

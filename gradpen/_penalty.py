@@ -216,7 +216,11 @@ def _interpolate(
         r, f = first, fakes[0]
         shape = (r.shape[0],) + (1,) * (r.ndim - 1)
         # Drawn in this shape: the same numbers as (N,) and a view, one op fewer.
-        a = _rand(shape, generator, r) if alpha is None else check_alpha(alpha, r).to(r.dtype).view(shape)
+        if alpha is None:
+            a = _rand(shape, generator, r)
+        else:
+            a = check_alpha(alpha, r)
+            a = (a if a.dtype == r.dtype else a.to(r.dtype)).view(shape)
         r, f = (r.detach() if r.requires_grad else r), (f.detach() if f.requires_grad else f)
         # lerp(f, r, a) = f + a (r - f); exact at a = 0 (fake) and a = 1 (real).
         return (torch.lerp(f, r, a),)
